@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Build a weighted ensemble of the best trials that share a backbone and write the submission.
+
+    python ensemble_select.py --topk 5                     # most recent experiment under ./runs
+    python ensemble_select.py --experiment runs/search-20261128-120000 --topk 3 --out submission.csv
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from errors import run_cli
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", type=Path, default=None, help="experiment folder (default: the most recent)")
+    parser.add_argument("--storage", type=Path, default=Path("runs"), help="where experiments live (default: runs)")
+    parser.add_argument("--topk", type=int, default=5, help="candidates: the K best trials of the backbone")
+    parser.add_argument("--backbone", default=None, help="backbone to ensemble (default: the best trial's)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="submission CSV (default: EXPERIMENT/ensemble/submission.csv)")
+    parser.add_argument("--size", type=int, default=256, help="submission label map size (default: 256)")
+    parser.add_argument("--max-rounds", type=int, default=10, help="greedy selection rounds (default: 10)")
+    parser.add_argument("--data", type=Path, default=None, help="dataset root (default: the one the search used)")
+    args = parser.parse_args(argv)
+    for flag in ("topk", "size", "max_rounds"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from search.ensemble_job import build_ensemble
+    from search.experiment import latest_experiment
+
+    experiment = (args.experiment or latest_experiment(args.storage)).resolve()
+    print(f"Experiment: {experiment}", flush=True)
+    summary = build_ensemble(experiment, topk=args.topk, backbone=args.backbone, size=args.size, out=args.out,
+                             data_root=args.data, max_rounds=args.max_rounds)
+    print(f"Submission: {summary['submission']} ({summary['test_images']} images, {args.size}x{args.size})")
+    print(f"Details: {Path(summary['submission']).with_name('ensemble.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,25 @@
+"""The one exception type for user mistakes (bad arguments, files, search spaces).
+
+CLIs catch it and print its message on one line with a non-zero exit; anything else is a bug and
+keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message names the file, key or value at fault."""
+
+    exit_code = 2
+
+
+def run_cli(main, argv=None) -> int:
+    """Runs a CLI main; a UserError becomes one line on stderr and a non-zero exit code."""
+    import sys
+
+    try:
+        return main(argv) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Models: factory over segmentation-models-pytorch, losses, metrics, checkpoints, inference, ensembles."""

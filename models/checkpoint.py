@@ -1,0 +1,46 @@
+"""Trial checkpoints: a plain state_dict plus a JSON that says how to rebuild and run the model.
+
+Layout of a checkpoint directory:
+    model.pt    state_dict, loadable with torch.load(..., weights_only=True)
+    model.json  decoder, backbone, num_classes, class_names, input_size, normalization, metrics, epoch
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .factory import build_model
+
+WEIGHTS_FILE = "model.pt"
+META_FILE = "model.json"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(directory / WEIGHTS_FILE, lambda p: torch.save(state, p))
+    _atomic_write_bytes(directory / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+
+def read_meta(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuilds the model described by model.json (random init) and loads the saved weights."""
+    meta = read_meta(directory)
+    model = build_model(meta["decoder"], meta["backbone"], meta["num_classes"], encoder_weights=None)
+    state = torch.load(Path(directory) / WEIGHTS_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

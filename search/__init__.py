@@ -1,0 +1,1 @@
+"""Search: space parsing and validation, the trial trainable, Ray Tune wiring, experiment reading."""

@@ -1,0 +1,117 @@
+"""Reading a finished (or interrupted) experiment through Ray Tune's ExperimentAnalysis, without Ray.
+
+An experiment directory is Tune's own layout under the storage path; this project adds
+`leaderboard.csv` and an `ensemble/` folder beside Tune's files.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.tune import ExperimentAnalysis
+
+from errors import UserError
+
+from .space import trial_defaults
+
+METRIC, MODE = "val_miou", "max"
+LEADERBOARD_FILE = "leaderboard.csv"
+LEADERBOARD_COLUMNS = ["trial_id", "decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize", "lr",
+                       "best_val_miou", "epochs", "status", "time_s"]
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    trial_id: str
+    config: dict
+    status: str  # finished | stopped early | errored | unfinished
+    best_val_miou: float  # NaN when the trial never reported
+    epochs: int
+    time_s: float
+    checkpoint: Path | None  # directory of the best checkpoint, if any
+
+
+def is_experiment(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("experiment_state-*.json"))
+
+
+def latest_experiment(storage: str | Path) -> Path:
+    storage = Path(storage)
+    candidates = [p for p in storage.iterdir() if is_experiment(p)] if storage.is_dir() else []
+    if not candidates:
+        raise UserError(f"no experiment found under {storage}; run launch.py first or pass --experiment")
+    return max(candidates, key=lambda p: max(f.stat().st_mtime for f in p.glob("experiment_state-*.json")))
+
+
+def read_trials(experiment: str | Path) -> list[TrialRecord]:
+    experiment = Path(experiment)
+    if not is_experiment(experiment):
+        raise UserError(f"{experiment} is not a Ray Tune experiment folder (no experiment_state-*.json)")
+    analysis = ExperimentAnalysis(str(experiment), default_metric=METRIC, default_mode=MODE)
+    return [_record(analysis, trial) for trial in analysis.trials]
+
+
+def _record(analysis: ExperimentAnalysis, trial) -> TrialRecord:
+    result = trial.last_result or {}
+    epochs = int(result.get("training_iteration", 0))
+    max_epochs = int(trial.config.get("max_epochs", 0))
+    if trial.status == "ERROR":
+        status = "errored"
+    elif trial.status != "TERMINATED":
+        status = "unfinished"
+    else:
+        status = "finished" if epochs >= max_epochs else "stopped early"
+    checkpoint = analysis.get_best_checkpoint(trial) if epochs else None
+    return TrialRecord(
+        trial_id=trial.trial_id, config=dict(trial.config), status=status,
+        best_val_miou=float(result.get("best_val_miou", math.nan)), epochs=epochs,
+        time_s=float(result.get("time_total_s", 0.0)),
+        checkpoint=Path(checkpoint.path) if checkpoint is not None else None,
+    )
+
+
+def ranked(trials: list[TrialRecord]) -> list[TrialRecord]:
+    """Trials with a checkpoint, best val mIoU first."""
+    usable = [t for t in trials if t.checkpoint is not None and not math.isnan(t.best_val_miou)]
+    return sorted(usable, key=lambda t: t.best_val_miou, reverse=True)
+
+
+def leaderboard_rows(trials: list[TrialRecord]) -> list[dict]:
+    """One row per trial, best first; trials that never reported last."""
+    order = sorted(trials, key=lambda t: math.inf if math.isnan(t.best_val_miou) else -t.best_val_miou)
+    rows = []
+    for t in order:
+        c = {**trial_defaults(), **t.config}
+        rows.append({
+            "trial_id": t.trial_id, "decoder": c.get("decoder", ""), "backbone": c.get("backbone", ""),
+            "loss": c.get("loss", ""), "focal_gamma": _fmt(c["focal_gamma"]) if c["loss"] == "focal" else "",
+            "augmentation": c.get("augmentation", ""), "resize": c.get("resize", ""), "lr": _fmt(c.get("lr")),
+            "best_val_miou": "" if math.isnan(t.best_val_miou) else f"{t.best_val_miou:.4f}",
+            "epochs": t.epochs, "status": t.status, "time_s": f"{t.time_s:.1f}",
+        })
+    return rows
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def write_leaderboard(experiment: str | Path, rows: list[dict]) -> Path:
+    path = Path(experiment) / LEADERBOARD_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LEADERBOARD_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str] = LEADERBOARD_COLUMNS) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)

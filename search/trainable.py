@@ -1,0 +1,133 @@
+"""The Ray Tune trainable: one trial = build a model from its config, train it epoch by epoch,
+report val mIoU after each epoch (ASHA decides whether it goes on) and checkpoint the best weights.
+
+Defined at module level with a stable name: Tune pickles it by reference for restores.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from ray import tune
+from torch.utils.data import DataLoader
+
+from data_pipeline.augment import build_transform
+from data_pipeline.dataset import SegmentationDataset, load_split
+from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
+from models.factory import NORMALIZATION, build_model
+from models.inference import predict_batch
+from models.losses import build_loss
+from models.metrics import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
+
+from .space import trial_defaults
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+def _trial_cpus(config: dict) -> int:
+    try:
+        cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    except Exception:  # outside a Tune session (direct calls in tests)
+        cpus = config.get("cpus_per_trial", 1)
+    return max(1, int(cpus))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_segmentation(config: dict) -> None:
+    cfg = {**trial_defaults(), **config}
+    torch.set_num_threads(_trial_cpus(cfg))
+    torch.manual_seed(cfg.get("seed", 0))
+    device = _device()
+
+    resize = cfg["resize"]
+    train_split = load_split(cfg["data_root"], cfg["train_ann"], resize)
+    val_split = load_split(cfg["data_root"], cfg["val_ann"], resize)
+    if train_split.class_names != val_split.class_names:
+        raise ValueError(f"{cfg['train_ann']} and {cfg['val_ann']} have different categories")
+    num_classes = len(train_split.class_names)
+    mean, std = NORMALIZATION["mean"], NORMALIZATION["std"]
+    train_loader = DataLoader(
+        SegmentationDataset(train_split, build_transform(cfg["augmentation"], mean, std, train=True)),
+        batch_size=cfg["batch_size"], shuffle=True, drop_last=len(train_split) > cfg["batch_size"],
+        generator=torch.Generator().manual_seed(cfg.get("seed", 0)))
+    val_loader = DataLoader(
+        SegmentationDataset(val_split, build_transform("none", mean, std, train=False)),
+        batch_size=max(cfg["batch_size"], 16))
+
+    model = build_model(cfg["decoder"], cfg["backbone"], num_classes, cfg["encoder_weights"]).to(device)
+    loss_fn = build_loss(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["max_epochs"])
+    meta = {
+        "decoder": cfg["decoder"], "backbone": cfg["backbone"], "encoder_weights": cfg["encoder_weights"],
+        "num_classes": num_classes, "class_names": list(train_split.class_names),
+        "input_size": [resize, resize], "normalization": NORMALIZATION,
+        "val_images": list(val_split.file_names), "config": cfg,
+    }
+
+    start_epoch, best = 0, -math.inf
+    restored = tune.get_checkpoint()
+    if restored:
+        with restored.as_directory() as directory:
+            start_epoch, best = _restore(directory, model, optimizer, scheduler, device)
+
+    for epoch in range(start_epoch + 1, cfg["max_epochs"] + 1):
+        started = time.perf_counter()
+        train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, device)
+        scheduler.step()
+        val = _evaluate(model, val_loader, num_classes, device)
+        metrics = {**val, "train_loss": train_loss, "epoch": epoch,
+                   "epoch_time_s": time.perf_counter() - started}
+        if val["val_miou"] > best:
+            best = val["val_miou"]
+            metrics["best_val_miou"] = best
+            with tempfile.TemporaryDirectory() as directory:
+                save_checkpoint(directory, model, {**meta, "epoch": epoch, "metrics": val})
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                           Path(directory) / TRAIN_STATE_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        else:
+            tune.report({**metrics, "best_val_miou": best})
+
+
+def _restore(directory: str, model, optimizer, scheduler, device) -> tuple[int, float]:
+    """Loads weights and optimiser state of a checkpoint; returns (its epoch, its val mIoU)."""
+    meta = read_meta(directory)
+    model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location=device, weights_only=True))
+    state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return meta["epoch"], meta["metrics"]["val_miou"]
+
+
+def _train_epoch(model, loader, loss_fn, optimizer, device) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for images, masks in loader:
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        loss = loss_fn(model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(images)
+        count += len(images)
+    return total / max(count, 1)
+
+
+def _evaluate(model, loader, num_classes: int, device) -> dict:
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    nll, count = 0.0, 0
+    for images, masks in loader:
+        probs, masks = predict_batch(model, images, device=device), masks.to(device)
+        conf += confusion_matrix(masks, probs.argmax(1), num_classes)
+        nll += F.nll_loss(probs.clamp_min(1e-8).log(), masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((masks != IGNORE_INDEX).sum())
+    return {"val_miou": mean_iou(conf), "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll / max(count, 1)}
+

@@ -1,0 +1,29 @@
+"""Shared fixtures: a small generated sample dataset and helpers to run the real CLIs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """A small sample dataset (generated, deterministic) shared by the whole session."""
+    from data_pipeline.sample_data import generate_sample_dataset
+
+    return generate_sample_dataset(tmp_path_factory.mktemp("data") / "sample", n_train=24, n_val=8, n_test=6,
+                                   width=160, height=120, seed=0)
+
+
+def run_cli(script: str, *args, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs launch.py / ensemble_select.py as a user would, in a fresh interpreter."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})

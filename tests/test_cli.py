@@ -1,0 +1,142 @@
+"""The two CLIs end to end, as a user runs them: real Ray Tune, Optuna, ASHA, smp models, generated data."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.coco import CocoSegmentation
+from data_pipeline.submission import read_submission
+
+from .conftest import run_cli
+
+TINY_SPACE = """
+experiment: {num_samples: 6, max_epochs: 3, grace_period: 1, reduction_factor: 2, seed: 0, cpus_per_trial: 1}
+space:
+  decoder: {choice: [Unet, FPN]}
+  backbone: resnet18
+  loss: {choice: [ce, focal]}
+  focal_gamma: {uniform: [0.5, 3.0], when: {loss: focal}}
+  augmentation: {choice: [none, flip]}
+  resize: 64
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+  batch_size: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def experiment(sample_root, tmp_path_factory):
+    """One real search on the sample data, shared by the tests of this module."""
+    work = tmp_path_factory.mktemp("search")
+    (work / "space.yaml").write_text(TINY_SPACE)
+    result = run_cli("launch.py", "--space", work / "space.yaml", "--data", sample_root,
+                     "--storage", work / "runs", "--name", "e2e")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work / "runs" / "e2e", result
+
+
+def _leaderboard(path):
+    with open(path / "leaderboard.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_search_writes_a_leaderboard_with_early_stopped_trials(experiment):
+    path, result = experiment
+    rows = _leaderboard(path)
+    assert len(rows) == 6
+    assert list(rows[0]) == ["trial_id", "decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize",
+                             "lr", "best_val_miou", "epochs", "status", "time_s"]
+    statuses = [r["status"] for r in rows]
+    assert "stopped early" in statuses and "finished" in statuses, statuses
+    assert all(int(r["epochs"]) == 3 for r in rows if r["status"] == "finished")
+    assert all(int(r["epochs"]) < 3 for r in rows if r["status"] == "stopped early")
+    scores = [float(r["best_val_miou"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+    for r in rows:
+        assert (r["focal_gamma"] != "") == (r["loss"] == "focal")
+    assert rows[0]["trial_id"] in result.stdout  # the leaderboard is printed too
+
+
+def test_best_checkpoint_is_a_plain_state_dict_with_a_rebuild_description(experiment):
+    path, _ = experiment
+    best = _leaderboard(path)[0]
+    [checkpoint] = [c for c in path.glob(f"*{best['trial_id']}*/checkpoint_*")]
+    meta = json.loads((checkpoint / "model.json").read_text())
+    assert meta["decoder"] == best["decoder"] and meta["backbone"] == "resnet18"
+    assert meta["input_size"] == [64, 64] and meta["class_names"][0] == "Background" and meta["num_classes"] == 11
+    assert abs(meta["metrics"]["val_miou"] - float(best["best_val_miou"])) < 1e-4
+    state = torch.load(checkpoint / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_ensemble_writes_a_submission_in_test_order(experiment, sample_root):
+    path, _ = experiment
+    out = path.parent / "submission.csv"
+    result = run_cli("ensemble_select.py", "--experiment", path, "--topk", "5", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Selection path" in result.stdout and "Ensemble val mIoU" in result.stdout
+    test = CocoSegmentation(sample_root, "test.json")
+    rows = read_submission(out)
+    assert [name for name, _ in rows] == [test.file_name(i) for i in test.image_ids]
+    for _, labels in rows:
+        assert labels.shape == (256 * 256,) and 0 <= labels.min() and labels.max() < test.num_classes
+    summary = json.loads(out.with_name("ensemble.json").read_text())
+    weights = [m["weight"] for m in summary["members"]]
+    assert abs(sum(weights) - 1) < 1e-9 and len(weights) <= 5
+    assert summary["val_miou"] >= max(m["val_miou"] for m in summary["members"])
+    assert summary["selection_path"][0]["val_miou"] == max(m["val_miou"] for m in summary["members"])
+    assert len({m["config"]["backbone"] for m in summary["members"]}) == 1
+
+
+def test_topk_one_is_the_best_single_model_of_the_most_recent_experiment(experiment):
+    path, _ = experiment
+    result = run_cli("ensemble_select.py", "--storage", path.parent, "--topk", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((path / "ensemble" / "ensemble.json").read_text())
+    assert [m["weight"] for m in summary["members"]] == [1.0]
+    assert summary["members"][0]["trial_id"] == _leaderboard(path)[0]["trial_id"]
+    assert len(read_submission(path / "ensemble" / "submission.csv")) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--space", "no/such/space.yaml"], "error: search space file no/such/space.yaml does not exist"),
+    (["--data", "/no/such/data"], "error: data root /no/such/data does not exist"),
+    (["--gpus", "-1"], "--gpus must be >= 0"),
+])
+def test_launch_rejects_bad_arguments_in_one_line(args, message, tmp_path):
+    result = run_cli("launch.py", *args, "--storage", tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_ensemble_without_experiments_is_a_one_line_error(tmp_path):
+    result = run_cli("ensemble_select.py", "--storage", tmp_path / "empty", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no experiment found" in result.stderr
+
+
+def test_missing_images_are_reported_before_ray_starts(sample_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_root, data)
+    victim = CocoSegmentation(data, "val.json").file_name(CocoSegmentation(data, "val.json").image_ids[0])
+    (data / victim).unlink()
+    result = run_cli("launch.py", "--data", data, "--storage", tmp_path / "runs", timeout=120)
+    assert result.returncode == 2 and f"e.g. {victim}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_when_every_trial_fails_launch_and_ensemble_say_so(sample_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_root, data)
+    val = CocoSegmentation(data, "val.json")
+    (data / val.file_name(val.image_ids[0])).write_bytes(b"not a jpeg")  # every trial fails to read it
+    (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("num_samples: 6", "num_samples: 2"))
+    result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", data,
+                     "--storage", tmp_path / "runs", "--name", "broken")
+    assert result.returncode == 1 and "no trial reported a val mIoU" in result.stderr
+    assert {r["status"] for r in _leaderboard(tmp_path / "runs" / "broken")} == {"errored"}
+    result = run_cli("ensemble_select.py", "--experiment", tmp_path / "runs" / "broken")
+    assert result.returncode == 2 and "no trial with a checkpoint" in result.stderr
+    assert not (tmp_path / "runs" / "broken" / "ensemble").exists()

@@ -1,0 +1,63 @@
+"""Model factory, checkpoints and inference on real (tiny, random-init) smp models."""
+import json
+
+import pytest
+import torch
+
+from errors import UserError
+from models.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from models.factory import build_model, check_backbone, check_decoder
+from models.inference import predict_probs
+
+
+@pytest.mark.parametrize("decoder", ["Unet", "FPN", "DeepLabV3Plus"])
+def test_decoders_build_and_train_a_step(decoder):
+    torch.manual_seed(0)
+    model = build_model(decoder, "resnet18", num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 5, 64, 64)
+    out.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_unknown_names_suggest_close_ones():
+    assert check_decoder("deeplabv3plus") == "DeepLabV3Plus"
+    with pytest.raises(UserError, match="did you mean Unet"):
+        check_decoder("Unett")
+    with pytest.raises(UserError, match="did you mean resnet18"):
+        check_backbone("resnet-18")
+    assert check_backbone("tu-resnet18") == "tu-resnet18"
+
+
+def test_missing_pretrained_weights_are_a_clear_error_not_random_init(tmp_path, monkeypatch):
+    # No network here, and an empty cache: the weights cannot be found, so building must fail.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load 'imagenet' weights for backbone 'resnet18'"):
+        build_model("Unet", "resnet18", 3, encoder_weights="imagenet")
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("FPN", "resnet18", num_classes=4).eval()
+    meta = {"decoder": "FPN", "backbone": "resnet18", "num_classes": 4, "class_names": list("abcd"),
+            "input_size": [64, 64], "epoch": 3, "metrics": {"val_miou": 0.5}}
+    save_checkpoint(tmp_path, model, meta)
+    assert {p.name for p in tmp_path.iterdir()} == {WEIGHTS_FILE, META_FILE}
+    assert json.loads((tmp_path / META_FILE).read_text()) == meta
+    torch.load(tmp_path / WEIGHTS_FILE, weights_only=True)  # a plain state_dict
+    loaded, loaded_meta = load_checkpoint(tmp_path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert loaded_meta == meta
+
+
+def test_predict_probs_resizes_logits_to_the_target_size():
+    model = build_model("Unet", "resnet18", num_classes=3)
+    batches = [torch.randn(2, 3, 64, 64), (torch.randn(1, 3, 64, 64), "ignored")]
+    out = list(predict_probs(model, batches, out_size=(96, 96)))
+    assert [p.shape for p in out] == [(2, 3, 96, 96), (1, 3, 96, 96)]
+    assert all(torch.allclose(p.sum(1), torch.ones(1)) for p in out)
