@@ -66,9 +66,13 @@ def main(argv=None) -> int:
         print(f"Ray dashboard: http://{dashboard} (local only; Ray's token is in ~/.ray/auth_token)", flush=True)
     experiment = run_search(spec, data_root, storage=storage, name=name, gpus=args.gpus,
                             num_samples=args.num_samples)
-    rows = leaderboard_rows(read_trials(experiment))
+    trials = read_trials(experiment)
+    rows = leaderboard_rows(trials)
     path = write_leaderboard(experiment, rows)
     print(f"\nLeaderboard ({path}):\n{format_table(rows)}")
+    errored = [t for t in trials if t.status == "errored"]
+    if errored:
+        print(f"{len(errored)} trial(s) errored; trial {errored[0].trial_id}: {errored[0].error}", file=sys.stderr)
     if not any(r["best_val_miou"] for r in rows):
         print("error: no trial reported a val mIoU; see the errors above", file=sys.stderr)
         return 1

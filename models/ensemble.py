@@ -7,20 +7,32 @@ ensemble is never worse on val than the best single member. Weights are selectio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from .inference import to_labels
 from .metrics import confusion_matrix, mean_iou
 
 
-def ensemble_miou(prob_sum: torch.Tensor, labels: torch.Tensor, num_classes: int, chunk: int = 16) -> float:
-    """Dataset mIoU of argmax(prob_sum) against labels; prob_sum [N, C, H, W], labels [N, H, W]."""
+Terms = Sequence[tuple[float, torch.Tensor]]  # (weight, probabilities [N, C, H, W]) pairs
+
+
+def ensemble_confusion(terms: Terms, labels: torch.Tensor, num_classes: int, chunk: int = 8) -> torch.Tensor:
+    """Confusion matrix of argmax(sum of weight * probabilities) against labels [N, H, W].
+
+    Summed a few images at a time, so no full-size float32 copy of the members is ever made.
+    """
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for start in range(0, len(labels), chunk):
-        pred = prob_sum[start:start + chunk].argmax(dim=1)
-        conf += confusion_matrix(labels[start:start + chunk], pred, num_classes)
-    return mean_iou(conf)
+        total = sum(w * p[start:start + chunk].float() for w, p in terms if w)
+        conf += confusion_matrix(labels[start:start + chunk], to_labels(total), num_classes)
+    return conf
+
+
+def ensemble_miou(terms: Terms, labels: torch.Tensor, num_classes: int) -> float:
+    return mean_iou(ensemble_confusion(terms, labels, num_classes))
 
 
 @dataclass
@@ -36,14 +48,14 @@ def greedy_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num
     """member_probs: per member [N, C, H, W] probabilities (any float dtype) on the same val images."""
     if not member_probs:
         raise ValueError("no ensemble members")
-    member_miou = [ensemble_miou(p, labels, num_classes) for p in member_probs]
+    member_miou = [ensemble_miou([(1.0, p)], labels, num_classes) for p in member_probs]
     first = int(np.argmax(member_miou))
     running = member_probs[first].float().clone()
     path = [{"round": 1, "member": first, "val_miou": member_miou[first]}]
     for round_index in range(2, max_rounds + 1):
-        scores = [ensemble_miou(running + p.float(), labels, num_classes) for p in member_probs]
+        scores = [ensemble_miou([(1.0, running), (1.0, p)], labels, num_classes) for p in member_probs]
         best = int(np.argmax(scores))
-        running += member_probs[best].float()
+        running += member_probs[best]
         path.append({"round": round_index, "member": best, "val_miou": scores[best]})
     # Keep the best prefix (earliest on ties).
     best_len = max(range(len(path)), key=lambda i: (path[i]["val_miou"], -i)) + 1

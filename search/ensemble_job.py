@@ -21,9 +21,9 @@ from data_pipeline.dataset import SegmentationDataset, load_split
 from data_pipeline.submission import write_submission
 from errors import UserError
 from models.checkpoint import load_checkpoint
-from models.ensemble import Selection, ensemble_miou, greedy_selection
-from models.inference import predict_probs
-from models.metrics import confusion_matrix, iou_per_class
+from models.ensemble import Selection, ensemble_confusion, greedy_selection
+from models.inference import predict_probs, to_labels
+from models.metrics import iou_per_class
 
 from .experiment import TrialRecord, ranked, read_trials
 
@@ -81,7 +81,7 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
     probs = [val_probabilities(m, data_root, val_ann, size, device) for m in members]
     selection = greedy_selection(probs, labels, num_classes, max_rounds=max_rounds)
     _log_selection(selection, members, log)
-    per_class = _per_class_iou(probs, selection.weights, labels, num_classes)
+    per_class = iou_per_class(ensemble_confusion(list(zip(selection.weights, probs)), labels, num_classes))
     del probs
 
     out = Path(out) if out else Path(experiment) / "ensemble" / "submission.csv"
@@ -122,14 +122,6 @@ def _log_selection(selection: Selection, members: list[Member], log) -> None:
     log(f"Ensemble val mIoU {selection.val_miou:.4f} (best single {max(selection.member_miou):.4f}); weights {weights}")
 
 
-def _per_class_iou(probs: list[torch.Tensor], weights: list[float], labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for start in range(0, len(labels), BATCH_SIZE):
-        total = sum(w * p[start:start + BATCH_SIZE].float() for p, w in zip(probs, weights) if w)
-        conf += confusion_matrix(labels[start:start + BATCH_SIZE], total.argmax(1), num_classes)
-    return iou_per_class(conf)
-
-
 def _predict_test(members: list[Member], weights: list[float], data_root: Path, test_ann: str, size: int, device):
     """Yields (file_name, uint8 label map) per test image, one batch of all members at a time."""
     used = [(m, w) for m, w in zip(members, weights) if w]
@@ -138,7 +130,7 @@ def _predict_test(members: list[Member], weights: list[float], data_root: Path, 
     index = 0
     for batches in zip(*loaders):
         total = sum(w * next(predict_probs(m.model, [b], (size, size), device)) for (m, w), b in zip(used, batches))
-        for labels in total.argmax(1).to(torch.uint8).cpu().numpy():
+        for labels in to_labels(total).to(torch.uint8).cpu().numpy():
             yield file_names[index], labels
             index += 1
 

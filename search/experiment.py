@@ -32,6 +32,7 @@ class TrialRecord:
     epochs: int
     time_s: float
     checkpoint: Path | None  # directory of the best checkpoint, if any
+    error: str = ""  # last line of the trial's traceback, for errored trials
 
 
 def is_experiment(path: Path) -> bool:
@@ -70,7 +71,17 @@ def _record(analysis: ExperimentAnalysis, trial) -> TrialRecord:
         best_val_miou=float(result.get("best_val_miou", math.nan)), epochs=epochs,
         time_s=float(result.get("time_total_s", 0.0)),
         checkpoint=Path(checkpoint.path) if checkpoint is not None else None,
+        error=_last_error_line(trial) if status == "errored" else "",
     )
+
+
+def _last_error_line(trial) -> str:
+    try:
+        text = trial.get_error() or ""
+    except OSError:
+        return ""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def ranked(trials: list[TrialRecord]) -> list[TrialRecord]:

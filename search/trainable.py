@@ -19,7 +19,7 @@ from data_pipeline.augment import build_transform
 from data_pipeline.dataset import SegmentationDataset, load_split
 from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
 from models.factory import NORMALIZATION, build_model
-from models.inference import predict_batch
+from models.inference import predict_batch, to_labels
 from models.losses import build_loss
 from models.metrics import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
 
@@ -126,7 +126,7 @@ def _evaluate(model, loader, num_classes: int, device) -> dict:
     nll, count = 0.0, 0
     for images, masks in loader:
         probs, masks = predict_batch(model, images, device=device), masks.to(device)
-        conf += confusion_matrix(masks, probs.argmax(1), num_classes)
+        conf += confusion_matrix(masks, to_labels(probs), num_classes)
         nll += F.nll_loss(probs.clamp_min(1e-8).log(), masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((masks != IGNORE_INDEX).sum())
     return {"val_miou": mean_iou(conf), "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll / max(count, 1)}

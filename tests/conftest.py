@@ -24,6 +24,7 @@ def sample_root(tmp_path_factory) -> Path:
 
 
 def run_cli(script: str, *args, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs launch.py / ensemble_select.py as a user would, in a fresh interpreter."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+    """Runs launch.py / ensemble_select.py (or `-m module`) as a user would, in a fresh interpreter."""
+    command = [script] if script == "-m" else [str(ROOT / script)]
+    return subprocess.run([sys.executable, *command, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})

@@ -3,7 +3,6 @@ import csv
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -136,7 +135,18 @@ def test_when_every_trial_fails_launch_and_ensemble_say_so(sample_root, tmp_path
     result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", data,
                      "--storage", tmp_path / "runs", "--name", "broken")
     assert result.returncode == 1 and "no trial reported a val mIoU" in result.stderr
+    assert "2 trial(s) errored" in result.stderr and "cannot read image" in result.stderr
     assert {r["status"] for r in _leaderboard(tmp_path / "runs" / "broken")} == {"errored"}
     result = run_cli("ensemble_select.py", "--experiment", tmp_path / "runs" / "broken")
     assert result.returncode == 2 and "no trial with a checkpoint" in result.stderr
     assert not (tmp_path / "runs" / "broken" / "ensemble").exists()
+
+
+def test_score_cli_rates_the_ensemble_submission_against_test_ground_truth(experiment, sample_root):
+    path, _ = experiment
+    out = path.parent / "scored.csv"
+    assert run_cli("ensemble_select.py", "--experiment", path, "--topk", "2", "--out", out).returncode == 0
+    result = run_cli("-m", "search.score", out, "--data", sample_root, timeout=120)
+    assert result.returncode == 0, result.stderr
+    miou = float(result.stdout.strip().splitlines()[-1].split()[1])
+    assert 0 < miou < 1

@@ -1,5 +1,8 @@
 """Model factory, checkpoints and inference on real (tiny, random-init) smp models."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ from errors import UserError
 from models.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from models.factory import build_model, check_backbone, check_decoder
 from models.inference import predict_probs
+
+from .conftest import ROOT
 
 
 @pytest.mark.parametrize("decoder", ["Unet", "FPN", "DeepLabV3Plus"])
@@ -30,13 +35,16 @@ def test_unknown_names_suggest_close_ones():
     assert check_backbone("tu-resnet18") == "tu-resnet18"
 
 
-def test_missing_pretrained_weights_are_a_clear_error_not_random_init(tmp_path, monkeypatch):
-    # No network here, and an empty cache: the weights cannot be found, so building must fail.
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="cannot load 'imagenet' weights for backbone 'resnet18'"):
-        build_model("Unet", "resnet18", 3, encoder_weights="imagenet")
+def test_missing_pretrained_weights_are_a_clear_error_not_random_init(tmp_path):
+    # An empty cache and no network: the weights cannot be found, so building must fail. A fresh
+    # interpreter, because huggingface_hub reads HF_HUB_OFFLINE when it is imported.
+    code = ("from errors import UserError\nfrom models.factory import build_model\n"
+            "try:\n    build_model('Unet', 'resnet18', 3, encoder_weights='imagenet')\n"
+            "except UserError as exc:\n    print(exc)\nelse:\n    print('built')")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert "cannot load 'imagenet' weights for backbone 'resnet18'" in result.stdout, result.stdout + result.stderr
+    assert "Hugging Face cache" in result.stdout
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
