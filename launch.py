@@ -33,12 +33,21 @@ def parse_args(argv):
     return args
 
 
+def _check_gpus(requested: float) -> None:
+    import torch
+
+    available = torch.cuda.device_count()
+    if requested > available:
+        raise UserError(f"--gpus {requested:g} asks for more GPUs than this machine has ({available})")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from data_pipeline.coco import CocoSegmentation
     from search.space import load_space
 
     spec = load_space(args.space)
+    _check_gpus(args.gpus)
     if args.data is None:
         from data_pipeline.sample_data import ensure_sample_dataset
 

@@ -103,6 +103,7 @@ def test_topk_one_is_the_best_single_model_of_the_most_recent_experiment(experim
     (["--space", "no/such/space.yaml"], "error: search space file no/such/space.yaml does not exist"),
     (["--data", "/no/such/data"], "error: data root /no/such/data does not exist"),
     (["--gpus", "-1"], "--gpus must be >= 0"),
+    (["--gpus", "1000"], "error: --gpus 1000 asks for more GPUs than this machine has"),
 ])
 def test_launch_rejects_bad_arguments_in_one_line(args, message, tmp_path):
     result = run_cli("launch.py", *args, "--storage", tmp_path, timeout=120)
