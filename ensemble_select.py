@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from errors import run_cli
+from models.inference import TTA_MODES
 
 
 def parse_args(argv):
@@ -18,11 +19,14 @@ def parse_args(argv):
     parser.add_argument("--experiment", type=Path, default=None, help="experiment folder (default: the most recent)")
     parser.add_argument("--storage", type=Path, default=Path("runs"), help="where experiments live (default: runs)")
     parser.add_argument("--topk", type=int, default=5, help="candidates: the K best trials of the backbone")
-    parser.add_argument("--backbone", default=None, help="backbone to ensemble (default: the best trial's)")
+    parser.add_argument("--backbone", default=None,
+                        help="backbone to ensemble (default: the best trial's; auto: try every backbone, keep the best)")
     parser.add_argument("--out", type=Path, default=None,
                         help="submission CSV (default: EXPERIMENT/ensemble/submission.csv)")
     parser.add_argument("--size", type=int, default=256, help="submission label map size (default: 256)")
     parser.add_argument("--max-rounds", type=int, default=10, help="greedy selection rounds (default: 10)")
+    parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="test-time augmentation, for val selection and test alike (default: none)")
     parser.add_argument("--data", type=Path, default=None, help="dataset root (default: the one the search used)")
     args = parser.parse_args(argv)
     for flag in ("topk", "size", "max_rounds"):
@@ -39,7 +43,7 @@ def main(argv=None) -> int:
     experiment = (args.experiment or latest_experiment(args.storage)).resolve()
     print(f"Experiment: {experiment}", flush=True)
     summary = build_ensemble(experiment, topk=args.topk, backbone=args.backbone, size=args.size, out=args.out,
-                             data_root=args.data, max_rounds=args.max_rounds)
+                             data_root=args.data, max_rounds=args.max_rounds, tta=args.tta)
     print(f"Submission: {summary['submission']} ({summary['test_images']} images, {args.size}x{args.size})")
     print(f"Details: {Path(summary['submission']).with_name('ensemble.json')}")
     return 0

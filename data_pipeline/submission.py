@@ -10,6 +10,32 @@ import numpy as np
 HEADER = "image_id,PredictionString\n"
 
 
+
+def _digit_tables() -> tuple[np.ndarray, np.ndarray]:
+    """For each label 0..255: its decimal digits and a space in 4 bytes (one uint32), and which of
+    those 4 bytes to keep. Formatting a label map is then two gathers and one compress."""
+    digits = np.zeros((256, 4), np.uint8)
+    keep = np.zeros((256, 4), bool)
+    for value in range(256):
+        text = f"{value} ".encode()
+        digits[value, :len(text) - 1], digits[value, 3] = np.frombuffer(text[:-1], np.uint8), ord(" ")
+        keep[value, :len(text) - 1] = keep[value, 3] = True
+    return digits.view(np.uint32).ravel(), keep.view(np.uint32).ravel()
+
+
+_DIGITS, _KEEP = _digit_tables()
+
+
+def format_labels(labels: np.ndarray) -> bytes:
+    """Space-separated decimal labels, row-major: the PredictionString of one label map (0..255)."""
+    flat = np.asarray(labels).ravel()
+    if flat.size and (flat.min() < 0 or flat.max() > 255):
+        raise ValueError(f"labels must lie in 0..255, got {flat.min()}..{flat.max()}")
+    flat = flat.astype(np.intp, copy=False)
+    codes = np.take(_DIGITS, flat).view(np.uint8)
+    return np.compress(np.take(_KEEP, flat).view(np.bool_), codes)[:-1].tobytes()
+
+
 def write_submission(path: str | Path, rows: Iterable[tuple[str, np.ndarray]]) -> int:
     """Writes (file_name, label map) rows atomically (temp file, then rename); returns the row count.
 
@@ -20,12 +46,12 @@ def write_submission(path: str | Path, rows: Iterable[tuple[str, np.ndarray]]) -
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
     try:
-        with open(tmp, "w", newline="") as out:
-            out.write(HEADER)
+        with open(tmp, "wb") as out:
+            out.write(HEADER.encode())
             for file_name, labels in rows:
                 if "," in file_name or "\n" in file_name:
                     raise ValueError(f"image file_name {file_name!r} cannot be written to a CSV cell")
-                out.write(f"{file_name},{' '.join(map(str, np.asarray(labels).ravel().tolist()))}\n")
+                out.write(file_name.encode() + b"," + format_labels(labels) + b"\n")
                 count += 1
         os.replace(tmp, path)
     finally:

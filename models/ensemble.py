@@ -31,6 +31,27 @@ def ensemble_confusion(terms: Terms, labels: torch.Tensor, num_classes: int, chu
     return conf
 
 
+def _confusions_after_adding(candidates: list[torch.Tensor], running: torch.Tensor, predicted: torch.Tensor,
+                             conf: torch.Tensor, labels: torch.Tensor, num_classes: int, chunk: int) -> list[torch.Tensor]:
+    """For each candidate, the confusion matrix of running + candidate, from conf (that of running,
+    whose labels are `predicted`), recounting only the pixels whose label changes.
+
+    Image chunks are the outer loop, so each chunk of the running sum is read once for all
+    candidates while it is still in cache.
+    """
+    confs = [conf.clone() for _ in candidates]
+    buffer = torch.empty_like(running[:chunk])  # reused: fresh large allocations cost page faults
+    for i in range(0, len(labels), chunk):
+        part, old, truth = running[i:i + chunk], predicted[i:i + chunk], labels[i:i + chunk]
+        summed = buffer[:len(part)]
+        for candidate, candidate_conf in zip(candidates, confs):
+            new = to_labels(torch.add(part, candidate[i:i + chunk], out=summed))
+            changed = new != old
+            candidate_conf += (confusion_matrix(truth[changed], new[changed], num_classes)
+                               - confusion_matrix(truth[changed], old[changed], num_classes))
+    return confs
+
+
 def ensemble_miou(terms: Terms, labels: torch.Tensor, num_classes: int) -> float:
     return mean_iou(ensemble_confusion(terms, labels, num_classes))
 
@@ -44,18 +65,30 @@ class Selection:
 
 
 def greedy_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
-                     max_rounds: int = 10) -> Selection:
-    """member_probs: per member [N, C, H, W] probabilities (any float dtype) on the same val images."""
+                     max_rounds: int = 10, chunk: int = 8) -> Selection:
+    """member_probs: per member [N, C, H, W] probabilities (any float dtype) on the same val images.
+
+    The ensemble's summed probabilities, its predicted labels and its confusion matrix are kept
+    between rounds; a candidate is scored by updating the confusion matrix only where adding it
+    changes the prediction.
+    """
     if not member_probs:
         raise ValueError("no ensemble members")
-    member_miou = [ensemble_miou([(1.0, p)], labels, num_classes) for p in member_probs]
+    member_conf = [ensemble_confusion([(1.0, p)], labels, num_classes, chunk) for p in member_probs]
+    member_miou = [mean_iou(conf) for conf in member_conf]
     first = int(np.argmax(member_miou))
     running = member_probs[first].float().clone()
+    predicted = torch.cat([to_labels(running[i:i + chunk]) for i in range(0, len(labels), chunk)])
+    conf = member_conf[first]
     path = [{"round": 1, "member": first, "val_miou": member_miou[first]}]
     for round_index in range(2, max_rounds + 1):
-        scores = [ensemble_miou([(1.0, running), (1.0, p)], labels, num_classes) for p in member_probs]
+        confs = _confusions_after_adding(member_probs, running, predicted, conf, labels, num_classes, chunk)
+        scores = [mean_iou(c) for c in confs]
         best = int(np.argmax(scores))
-        running += member_probs[best]
+        conf = confs[best]
+        for i in range(0, len(labels), chunk):
+            running[i:i + chunk] += member_probs[best][i:i + chunk]
+            predicted[i:i + chunk] = to_labels(running[i:i + chunk])
         path.append({"round": round_index, "member": best, "val_miou": scores[best]})
     # Keep the best prefix (earliest on ties).
     best_len = max(range(len(path)), key=lambda i: (path[i]["val_miou"], -i)) + 1

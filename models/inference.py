@@ -8,19 +8,45 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+TTA_MODES = ("none", "flip", "flip+scales")
+TTA_SCALES = (0.75, 1.25)  # besides 1.0, for flip+scales
+
+
+def _views(tta: str) -> list[tuple[float, bool]]:
+    """(scale, horizontal flip) pairs that a TTA mode averages over."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    views = [(1.0, False)] + ([(1.0, True)] if tta != "none" else [])
+    if tta == "flip+scales":
+        views += [(scale, flip) for scale in TTA_SCALES for flip in (False, True)]
+    return views
+
+
 @torch.no_grad()
 def predict_batch(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int] | None = None,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
+                  device: str | torch.device = "cpu", tta: str = "none") -> torch.Tensor:
     """Softmax probabilities [B, C, H, W] (float32, on device) for a batch of normalised images.
 
-    Logits are resized bilinearly to out_size before the softmax: resizing probabilities and then
-    taking the argmax beats resizing labels.
+    Logits are resized bilinearly to out_size (default: the input size) before the softmax:
+    resizing probabilities and then taking the argmax beats resizing labels. With TTA the
+    probabilities of flipped and rescaled views (sides kept multiples of 32) are averaged.
     """
     model.eval()
-    logits = model(images.to(device, non_blocking=True)).float()
-    if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
-        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-    return logits.softmax(dim=1)
+    images = images.to(device, non_blocking=True)
+    out_size = tuple(out_size or images.shape[-2:])
+    total = None
+    for scale, flip in _views(tta):
+        view = images
+        if scale != 1.0:
+            size = [max(32, round(side * scale / 32) * 32) for side in images.shape[-2:]]
+            view = F.interpolate(view, size=size, mode="bilinear", align_corners=False)
+        logits = model(view.flip(-1) if flip else view).float()
+        logits = logits.flip(-1) if flip else logits
+        if tuple(logits.shape[-2:]) != out_size:
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        probs = logits.softmax(dim=1)
+        total = probs if total is None else total + probs
+    return total / len(_views(tta))
 
 
 def to_labels(probs: torch.Tensor) -> torch.Tensor:
@@ -32,7 +58,7 @@ def to_labels(probs: torch.Tensor) -> torch.Tensor:
 
 
 def predict_probs(model: nn.Module, batches: Iterable, out_size: tuple[int, int] | None = None,
-                  device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+                  device: str | torch.device = "cpu", tta: str = "none") -> Iterator[torch.Tensor]:
     """predict_batch over batches; a batch is an image tensor or an (images, ...) tuple."""
     for batch in batches:
-        yield predict_batch(model, batch[0] if isinstance(batch, (tuple, list)) else batch, out_size, device)
+        yield predict_batch(model, batch[0] if isinstance(batch, (tuple, list)) else batch, out_size, device, tta)

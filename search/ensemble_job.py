@@ -22,7 +22,7 @@ from data_pipeline.submission import write_submission
 from errors import UserError
 from models.checkpoint import load_checkpoint
 from models.ensemble import Selection, ensemble_confusion, greedy_selection
-from models.inference import predict_probs, to_labels
+from models.inference import predict_batch, predict_probs, to_labels
 from models.metrics import iou_per_class
 
 from .experiment import TrialRecord, ranked, read_trials
@@ -57,39 +57,67 @@ def _loader(data_root: Path, ann: str, meta: dict, with_masks: bool) -> DataLoad
                       batch_size=BATCH_SIZE)
 
 
-def val_probabilities(member: Member, data_root: Path, val_ann: str, size: int, device) -> torch.Tensor:
+def val_probabilities(member: Member, data_root: Path, val_ann: str, size: int, device, tta: str = "none"):
     """[N, C, size, size] float16 val probabilities of one member (kept on the CPU)."""
-    probs = predict_probs(member.model, _loader(data_root, val_ann, member.meta, with_masks=False), (size, size), device)
-    return torch.cat([p.half().cpu() for p in probs])
+    loader = _loader(data_root, val_ann, member.meta, with_masks=False)
+    return torch.cat([p.half().cpu() for p in predict_probs(member.model, loader, (size, size), device, tta)])
 
 
-def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: int, out: Path | None,
-                   data_root: Path | None = None, max_rounds: int = 10, log=print) -> dict:
-    """Selects and runs the ensemble; writes submission.csv and ensemble.json; returns the summary."""
-    started = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone, chosen = choose_members(read_trials(experiment), topk, backbone)
-    config = chosen[0].config
-    data_root = Path(data_root or config["data_root"])
-    val_ann, test_ann = config["val_ann"], config["test_ann"]
+@dataclass
+class GroupEnsemble:
+    """The ensemble selected among the top trials of one backbone."""
+    backbone: str
+    members: list[Member]
+    selection: Selection
+    per_class_iou: np.ndarray
+
+
+def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root: Path, size: int, device, *,
+                 max_rounds: int, tta: str, log) -> GroupEnsemble:
+    _, chosen = choose_members(trials, topk, backbone)
+    val_ann = chosen[0].config["val_ann"]
     members = [Member(t, *load_checkpoint(t.checkpoint, device)) for t in chosen]
     _check_compatible(members, data_root, val_ann)
     log(f"Backbone {backbone}: {len(members)} candidate(s) " + ", ".join(m.trial.trial_id for m in members))
-
     labels = torch.from_numpy(load_split(data_root, val_ann, size).masks)
     num_classes = members[0].meta["num_classes"]
-    probs = [val_probabilities(m, data_root, val_ann, size, device) for m in members]
+    probs = [val_probabilities(m, data_root, val_ann, size, device, tta) for m in members]
     selection = greedy_selection(probs, labels, num_classes, max_rounds=max_rounds)
     _log_selection(selection, members, log)
     per_class = iou_per_class(ensemble_confusion(list(zip(selection.weights, probs)), labels, num_classes))
-    del probs
+    return GroupEnsemble(backbone, members, selection, per_class)
 
+
+def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: int, out: Path | None,
+                   data_root: Path | None = None, max_rounds: int = 10, tta: str = "none", log=print) -> dict:
+    """Selects and runs the ensemble; writes submission.csv and ensemble.json; returns the summary.
+
+    backbone: a name, None for the best trial's backbone, or "auto" to select an ensemble for every
+    backbone and keep the one with the best val mIoU.
+    """
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trials = read_trials(experiment)
+    best_backbone, best = choose_members(trials, topk, None)  # raises when there is nothing to ensemble
+    best_config = best[0].config
+    data_root = Path(data_root or best_config["data_root"])
+    backbones = _backbones_by_rank(trials) if backbone == "auto" else [backbone or best_backbone]
+    groups = [select_group(trials, b, topk, data_root, size, device, max_rounds=max_rounds, tta=tta, log=log)
+              for b in backbones]
+    group = max(groups, key=lambda g: g.selection.val_miou)
+    if len(groups) > 1:
+        scores = ", ".join(f"{g.backbone} {g.selection.val_miou:.4f}" for g in groups)
+        log(f"Backbone groups by ensemble val mIoU: {scores}; keeping {group.backbone}")
+
+    members, selection = group.members, group.selection
     out = Path(out) if out else Path(experiment) / "ensemble" / "submission.csv"
-    rows = write_submission(out, _predict_test(members, selection.weights, data_root, test_ann, size, device))
+    test_rows = _predict_test(members, selection.weights, data_root, best_config["test_ann"], size, device, tta)
+    rows = write_submission(out, test_rows)
     summary = {
-        "experiment": str(experiment), "backbone": backbone, "size": size, "data_root": str(data_root),
-        "val_miou": selection.val_miou,
-        "per_class_iou": dict(zip(members[0].meta["class_names"], _nan_to_none(per_class))),
+        "experiment": str(experiment), "backbone": group.backbone, "size": size, "tta": tta,
+        "data_root": str(data_root), "val_miou": selection.val_miou,
+        "groups": {g.backbone: g.selection.val_miou for g in groups},
+        "per_class_iou": dict(zip(members[0].meta["class_names"], _nan_to_none(group.per_class_iou))),
         "selection_path": [{**s, "trial_id": members[s["member"]].trial.trial_id} for s in selection.path],
         "members": [{"trial_id": m.trial.trial_id, "checkpoint": str(m.trial.checkpoint), "config": m.trial.config,
                      "weight": w, "val_miou": v, "train_val_miou": m.trial.best_val_miou}
@@ -98,6 +126,10 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
     }
     _write_json(out.with_name("ensemble.json"), summary)
     return summary
+
+
+def _backbones_by_rank(trials: list[TrialRecord]) -> list[str]:
+    return list(dict.fromkeys(t.config.get("backbone") for t in ranked(trials)))
 
 
 def _check_compatible(members: list[Member], data_root: Path, val_ann: str) -> None:
@@ -122,14 +154,15 @@ def _log_selection(selection: Selection, members: list[Member], log) -> None:
     log(f"Ensemble val mIoU {selection.val_miou:.4f} (best single {max(selection.member_miou):.4f}); weights {weights}")
 
 
-def _predict_test(members: list[Member], weights: list[float], data_root: Path, test_ann: str, size: int, device):
+def _predict_test(members: list[Member], weights: list[float], data_root: Path, test_ann: str, size: int, device,
+                  tta: str):
     """Yields (file_name, uint8 label map) per test image, one batch of all members at a time."""
     used = [(m, w) for m, w in zip(members, weights) if w]
     loaders = [_loader(data_root, test_ann, m.meta, with_masks=False) for m, _ in used]
     file_names = loaders[0].dataset.split.file_names
     index = 0
     for batches in zip(*loaders):
-        total = sum(w * next(predict_probs(m.model, [b], (size, size), device)) for (m, w), b in zip(used, batches))
+        total = sum(w * predict_batch(m.model, b[0], (size, size), device, tta) for (m, w), b in zip(used, batches))
         for labels in to_labels(total).to(torch.uint8).cpu().numpy():
             yield file_names[index], labels
             index += 1

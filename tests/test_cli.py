@@ -15,7 +15,7 @@ TINY_SPACE = """
 experiment: {num_samples: 6, max_epochs: 3, grace_period: 1, reduction_factor: 2, seed: 0, cpus_per_trial: 1}
 space:
   decoder: {choice: [Unet, FPN]}
-  backbone: resnet18
+  backbone: {choice: [resnet18, mobilenet_v2]}
   loss: {choice: [ce, focal]}
   focal_gamma: {uniform: [0.5, 3.0], when: {loss: focal}}
   augmentation: {choice: [none, flip]}
@@ -63,7 +63,7 @@ def test_best_checkpoint_is_a_plain_state_dict_with_a_rebuild_description(experi
     best = _leaderboard(path)[0]
     [checkpoint] = [c for c in path.glob(f"*{best['trial_id']}*/checkpoint_*")]
     meta = json.loads((checkpoint / "model.json").read_text())
-    assert meta["decoder"] == best["decoder"] and meta["backbone"] == "resnet18"
+    assert meta["decoder"] == best["decoder"] and meta["backbone"] == best["backbone"]
     assert meta["input_size"] == [64, 64] and meta["class_names"][0] == "Background" and meta["num_classes"] == 11
     assert abs(meta["metrics"]["val_miou"] - float(best["best_val_miou"])) < 1e-4
     state = torch.load(checkpoint / "model.pt", weights_only=True)
@@ -151,3 +151,18 @@ def test_score_cli_rates_the_ensemble_submission_against_test_ground_truth(exper
     assert result.returncode == 0, result.stderr
     miou = float(result.stdout.strip().splitlines()[-1].split()[1])
     assert 0 < miou < 1
+
+
+def test_backbone_auto_with_flip_tta_keeps_the_best_backbone_group(experiment):
+    path, _ = experiment
+    out = path.parent / "auto" / "submission.csv"
+    result = run_cli("ensemble_select.py", "--experiment", path, "--topk", "3", "--backbone", "auto",
+                     "--tta", "flip", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.with_name("ensemble.json").read_text())
+    backbones = {r["backbone"] for r in _leaderboard(path) if r["best_val_miou"]}
+    assert set(summary["groups"]) == backbones and summary["tta"] == "flip"
+    assert summary["val_miou"] == max(summary["groups"].values())
+    assert summary["backbone"] == max(summary["groups"], key=summary["groups"].get)
+    if len(backbones) > 1:
+        assert "Backbone groups by ensemble val mIoU" in result.stdout

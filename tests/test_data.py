@@ -116,3 +116,13 @@ def test_failed_submission_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(RuntimeError):
         write_submission(path, rows())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_label_formatting_matches_python_str_for_every_label_value():
+    from data_pipeline.submission import format_labels
+
+    labels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert format_labels(labels).decode() == " ".join(str(x) for x in labels.ravel())
+    assert format_labels(labels.astype(np.int64)) == format_labels(labels)
+    with pytest.raises(ValueError, match="0..255"):
+        format_labels(np.array([3, 256]))

@@ -45,3 +45,36 @@ def test_selected_weights_reproduce_the_reported_score():
     selection = greedy_selection(members, labels, 3, max_rounds=5)
     assert abs(ensemble_miou(list(zip(selection.weights, members)), labels, 3) - selection.val_miou) < 1e-12
 
+
+
+def _reference_greedy(members, labels, num_classes, rounds):
+    """The textbook version: re-sum the chosen members and recount everything for each candidate."""
+    chosen = [int(np.argmax([ensemble_miou([(1.0, m)], labels, num_classes) for m in members]))]
+    for _ in range(rounds - 1):
+        scores = [ensemble_miou([(1.0, members[i]) for i in chosen + [c]], labels, num_classes)
+                  for c in range(len(members))]
+        chosen.append(int(np.argmax(scores)))
+    return chosen
+
+
+def test_incremental_confusion_matrices_pick_the_same_path_as_recounting():
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 5, (9, 12, 12), generator=g)
+    labels[0, :3] = 255  # ignored pixels must stay out of every count
+    members = [_one_hot_probs(labels.clamp(max=4), 5, noise, seed) for noise, seed in
+               ((1.0, 1), (2.0, 2), (3.0, 3), (1.5, 4))]
+    selection = greedy_selection(members, labels, 5, max_rounds=6, chunk=4)
+    assert [s["member"] for s in selection.path] == _reference_greedy(members, labels, 5, 6)
+    for step in selection.path:
+        chosen = [s["member"] for s in selection.path[:step["round"]]]
+        assert abs(ensemble_miou([(1.0, members[i]) for i in chosen], labels, 5) - step["val_miou"]) < 1e-12
+
+
+def test_ties_between_classes_do_not_change_the_path():
+    # Probabilities in steps of 0.5 tie often: the skipped-pixel shortcut must still agree.
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        labels = torch.randint(0, 4, (6, 10, 10), generator=g)
+        members = [(torch.randint(0, 3, (6, 4, 10, 10), generator=g).float() / 2).half() for _ in range(4)]
+        selection = greedy_selection(members, labels, 4, max_rounds=6, chunk=4)
+        assert [s["member"] for s in selection.path] == _reference_greedy(members, labels, 4, 6)

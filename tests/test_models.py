@@ -69,3 +69,21 @@ def test_predict_probs_resizes_logits_to_the_target_size():
     out = list(predict_probs(model, batches, out_size=(96, 96)))
     assert [p.shape for p in out] == [(2, 3, 96, 96), (1, 3, 96, 96)]
     assert all(torch.allclose(p.sum(1), torch.ones(1)) for p in out)
+
+
+@pytest.mark.parametrize("tta", ["flip", "flip+scales"])
+def test_tta_probabilities_are_mirror_symmetric_and_normalised(tta):
+    torch.manual_seed(0)
+    model = build_model("FPN", "resnet18", num_classes=3)
+    x = torch.randn(2, 3, 64, 96)
+    probs = next(predict_probs(model, [x], out_size=(80, 80), tta=tta))
+    mirrored = next(predict_probs(model, [x.flip(-1)], out_size=(80, 80), tta=tta))
+    assert probs.shape == (2, 3, 80, 80)
+    assert torch.allclose(probs.sum(1), torch.ones(1), atol=1e-5)
+    assert torch.allclose(probs, mirrored.flip(-1), atol=1e-5)
+    assert not torch.allclose(probs, next(predict_probs(model, [x], out_size=(80, 80))), atol=1e-4)
+
+
+def test_unknown_tta_mode_is_rejected():
+    with pytest.raises(ValueError, match="unknown TTA mode 'rotate'"):
+        next(predict_probs(build_model("Unet", "resnet18", 2), [torch.randn(1, 3, 32, 32)], tta="rotate"))
