@@ -6,6 +6,7 @@ bilinearly before the softmax, and val labels are resized with nearest neighbour
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -20,7 +21,7 @@ from data_pipeline.augment import build_transform
 from data_pipeline.dataset import SegmentationDataset, load_split
 from data_pipeline.submission import write_submission
 from errors import UserError
-from models.checkpoint import load_checkpoint
+from models.checkpoint import WEIGHTS_FILE, load_checkpoint
 from models.ensemble import Selection, ensemble_confusion, greedy_selection
 from models.inference import predict_batch, predict_probs, to_labels
 from models.metrics import iou_per_class
@@ -63,6 +64,28 @@ def val_probabilities(member: Member, data_root: Path, val_ann: str, size: int, 
     return torch.cat([p.half().cpu() for p in predict_probs(member.model, loader, (size, size), device, tta)])
 
 
+def cached_val_probabilities(member: Member, data_root: Path, val_ann: str, size: int, device, tta: str,
+                             cache_dir: Path) -> tuple[torch.Tensor, bool]:
+    """val_probabilities, kept as a float16 .npy in cache_dir and memory-mapped by later runs.
+
+    The file name holds a hash of what the probabilities depend on (weights file, val annotations,
+    size, TTA), so a changed checkpoint or val set is never read from a stale file.
+    Returns (probabilities, whether they came from the cache).
+    """
+    weights = Path(member.trial.checkpoint) / WEIGHTS_FILE
+    key = json.dumps([str(weights), weights.stat().st_mtime_ns, weights.stat().st_size,
+                      hashlib.sha1((data_root / val_ann).read_bytes()).hexdigest(), size, tta])
+    path = cache_dir / f"val-{member.trial.trial_id}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path, mmap_mode="c")), True
+    probs = val_probabilities(member, data_root, val_ann, size, device, tta)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, probs.numpy())
+    os.replace(tmp, path)
+    return probs, False
+
+
 @dataclass
 class GroupEnsemble:
     """The ensemble selected among the top trials of one backbone."""
@@ -73,7 +96,7 @@ class GroupEnsemble:
 
 
 def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root: Path, size: int, device, *,
-                 max_rounds: int, tta: str, log) -> GroupEnsemble:
+                 max_rounds: int, tta: str, cache_dir: Path, log) -> GroupEnsemble:
     _, chosen = choose_members(trials, topk, backbone)
     val_ann = chosen[0].config["val_ann"]
     members = [Member(t, *load_checkpoint(t.checkpoint, device)) for t in chosen]
@@ -81,7 +104,9 @@ def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root:
     log(f"Backbone {backbone}: {len(members)} candidate(s) " + ", ".join(m.trial.trial_id for m in members))
     labels = torch.from_numpy(load_split(data_root, val_ann, size).masks)
     num_classes = members[0].meta["num_classes"]
-    probs = [val_probabilities(m, data_root, val_ann, size, device, tta) for m in members]
+    cached = [cached_val_probabilities(m, data_root, val_ann, size, device, tta, cache_dir) for m in members]
+    probs = [p for p, _ in cached]
+    log(f"Val probabilities: {sum(hit for _, hit in cached)} of {len(cached)} read from {cache_dir}")
     selection = greedy_selection(probs, labels, num_classes, max_rounds=max_rounds)
     _log_selection(selection, members, log)
     per_class = iou_per_class(ensemble_confusion(list(zip(selection.weights, probs)), labels, num_classes))
@@ -102,8 +127,9 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
     best_config = best[0].config
     data_root = Path(data_root or best_config["data_root"])
     backbones = _backbones_by_rank(trials) if backbone == "auto" else [backbone or best_backbone]
-    groups = [select_group(trials, b, topk, data_root, size, device, max_rounds=max_rounds, tta=tta, log=log)
-              for b in backbones]
+    cache_dir = Path(experiment) / "ensemble" / "val_cache"
+    groups = [select_group(trials, b, topk, data_root, size, device, max_rounds=max_rounds, tta=tta,
+                           cache_dir=cache_dir, log=log) for b in backbones]
     group = max(groups, key=lambda g: g.selection.val_miou)
     if len(groups) > 1:
         scores = ", ".join(f"{g.backbone} {g.selection.val_miou:.4f}" for g in groups)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from pathlib import Path
 
 import ray
@@ -28,9 +29,21 @@ def start_ray(gpus: float, cpus: int | None = None) -> str | None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     context = ray.init(num_cpus=cpus or os.cpu_count(), num_gpus=gpus, include_dashboard=True,
-                       dashboard_host=DASHBOARD_HOST, dashboard_port=DASHBOARD_PORT,
+                       dashboard_host=DASHBOARD_HOST, dashboard_port=_free_port(DASHBOARD_HOST, DASHBOARD_PORT),
                        configure_logging=True, logging_level="WARNING", log_to_driver=True)
     return getattr(context, "dashboard_url", None)
+
+
+def _free_port(host: str, preferred: int) -> int:
+    """preferred if nothing listens there (another search may hold it), else a free port."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError(f"no free port on {host}")
 
 
 def trial_dirname(trial) -> str:

@@ -1,6 +1,7 @@
 """The two CLIs end to end, as a user runs them: real Ray Tune, Optuna, ASHA, smp models, generated data."""
 import csv
 import json
+import re
 import shutil
 
 import pytest
@@ -166,3 +167,32 @@ def test_backbone_auto_with_flip_tta_keeps_the_best_backbone_group(experiment):
     assert summary["backbone"] == max(summary["groups"], key=summary["groups"].get)
     if len(backbones) > 1:
         assert "Backbone groups by ensemble val mIoU" in result.stdout
+
+
+def test_val_probabilities_are_cached_for_later_runs(experiment):
+    path, _ = experiment
+    runs = [run_cli("ensemble_select.py", "--experiment", path, "--topk", "2", "--size", "128",
+                    "--out", path.parent / f"cache{i}" / "submission.csv") for i in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    members = int(re.search(r"Val probabilities: 0 of (\d+) read from", runs[0].stdout).group(1))
+    assert f"Val probabilities: {members} of {members} read from" in runs[1].stdout
+    assert len(list((path / "ensemble" / "val_cache").glob("*.npy"))) >= members
+    first, second = (path.parent / f"cache{i}" / "submission.csv" for i in range(2))
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_a_second_search_on_the_same_machine_gets_another_dashboard_port(sample_root, tmp_path):
+    import socket
+
+    (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("num_samples: 6, max_epochs: 3", "num_samples: 1, max_epochs: 1"))
+    with socket.socket() as holder:  # stands in for the dashboard of a search already running
+        try:
+            holder.bind(("127.0.0.1", 8265))
+            holder.listen()
+        except OSError:
+            pass  # something already holds the port, which is the case under test too
+        result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root,
+                         "--storage", tmp_path / "runs", "--name", "second")
+    assert result.returncode == 0, result.stderr[-3000:]
+    url = re.search(r"Ray dashboard: http://127\.0\.0\.1:(\d+)", result.stdout)
+    assert url and url.group(1) != "8265"
