@@ -30,14 +30,14 @@ class Split:
         return len(self.file_names)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
 def load_split(root: str | Path, ann_file: str, resize: int, with_masks: bool = True) -> Split:
     """All images (and label maps) of ann_file, resized to resize x resize."""
     coco_path = Path(root) / ann_file
-    digest = _file_digest(coco_path) if coco_path.is_file() else ""
+    digest = file_digest(coco_path) if coco_path.is_file() else ""
     return _load_split_cached(str(root), ann_file, int(resize), with_masks, digest)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.augment import build_transform
-from data_pipeline.dataset import SegmentationDataset, load_split
+from data_pipeline.dataset import SegmentationDataset, file_digest, load_split
 from data_pipeline.submission import write_submission
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint
@@ -74,7 +74,7 @@ def cached_val_probabilities(member: Member, data_root: Path, val_ann: str, size
     """
     weights = Path(member.trial.checkpoint) / WEIGHTS_FILE
     key = json.dumps([str(weights), weights.stat().st_mtime_ns, weights.stat().st_size,
-                      hashlib.sha1((data_root / val_ann).read_bytes()).hexdigest(), size, tta])
+                      file_digest(data_root / val_ann), size, tta])
     path = cache_dir / f"val-{member.trial.trial_id}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path, mmap_mode="c")), True
