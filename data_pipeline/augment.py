@@ -1,20 +1,123 @@
-"""Augmentation policies (albumentations), each a name the search space can choose."""
+"""Augmentation policies, each a name the search space can choose.
+
+A policy is an optional sample-mixing step (cutmix, copy_paste: they need a second training sample,
+so SegmentationDataset draws the partner and calls it) followed by per-sample albumentations
+transforms. Images stay uint8 until Normalize. Masks are resampled with nearest neighbour, and mask
+areas that geometric transforms bring in from outside the image are filled with IGNORE (255), so
+they add no loss; the matching image pixels are black.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import albumentations as A
+import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-POLICIES: dict[str, Callable[[], list]] = {
-    "none": lambda: [],
-    "flip": lambda: [A.HorizontalFlip(p=0.5)],
+from .classes import IGNORE
+
+# (image, mask, partner image, partner mask, rng) -> new (image, mask); never writes its inputs.
+Mixer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+OUTSIDE = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE}
+MAX_PASTE_SHIFT = 0.25  # copy_paste moves an instance by up to this fraction of the image side
+
+
+def cutmix(image, mask, partner_image, partner_mask, rng: np.random.Generator):
+    """Copies a random box of the partner (pixels and labels) onto the same place of this sample."""
+    height, width = mask.shape
+    side = np.sqrt(rng.uniform())  # box area uniform in [0, 1) of the image, as CutMix's Beta(1, 1)
+    box_h, box_w = int(height * side), int(width * side)
+    top, left = rng.integers(0, height - box_h + 1), rng.integers(0, width - box_w + 1)
+    box = np.s_[top:top + box_h, left:left + box_w]
+    image, mask = image.copy(), mask.copy()
+    image[box], mask[box] = partner_image[box], partner_mask[box]
+    return image, mask
+
+
+def copy_paste(image, mask, partner_image, partner_mask, rng: np.random.Generator):
+    """Pastes 1-3 of the partner's object instances, each moved by a random shift that keeps it whole."""
+    instances = _instances(partner_mask)
+    if not instances:
+        return image, mask
+    image, mask = image.copy(), mask.copy()
+    count = min(len(instances), int(rng.integers(1, 4)))
+    for i in rng.choice(len(instances), size=count, replace=False):
+        label, components, component = instances[i]
+        ys, xs = np.nonzero(components == component)
+        dy, dx = _shift_inside(ys, mask.shape[0], rng), _shift_inside(xs, mask.shape[1], rng)
+        image[ys + dy, xs + dx] = partner_image[ys, xs]
+        mask[ys + dy, xs + dx] = label
+    return image, mask
+
+
+def _instances(mask: np.ndarray) -> list[tuple[int, np.ndarray, int]]:
+    """(label, component map, component id) of every connected component of every object class."""
+    found = []
+    for label in np.unique(mask):
+        if label in (0, IGNORE):
+            continue
+        count, components = cv2.connectedComponents((mask == label).astype(np.uint8))
+        found += [(int(label), components, k) for k in range(1, count)]
+    return found
+
+
+def _shift_inside(coords: np.ndarray, size: int, rng: np.random.Generator) -> int:
+    """A random offset of at most MAX_PASTE_SHIFT * size that keeps coords within [0, size)."""
+    limit = int(MAX_PASTE_SHIFT * size)
+    return int(rng.integers(max(-limit, -coords.min()), min(limit, size - 1 - coords.max()) + 1))
+
+
+def _flip() -> list:
+    return [A.HorizontalFlip(p=0.5)]
+
+
+def _strong() -> list:
+    # Colour jitter first, so that it changes the photo only, not the black fill the affine brings in.
+    return [
+        A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.5),
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), rotate=(-30, 30), p=0.5, **OUTSIDE),
+    ]
+
+
+def _elastic() -> list:
+    # alpha/sigma in pixels, tuned at 256x256: smooth displacements of about 3 px std (up to ~10 px at
+    # the image border, where albumentations' replicate-border smoothing makes them larger).
+    return [A.HorizontalFlip(p=0.5), A.ElasticTransform(alpha=500, sigma=10, p=0.5, **OUTSIDE)]
+
+
+@dataclass(frozen=True)
+class Policy:
+    transforms: Callable[[], list]  # per-sample albumentations transforms (training only)
+    mix: Mixer | None = None  # applied first, with a random partner sample (training only)
+
+
+POLICIES: dict[str, Policy] = {
+    "none": Policy(lambda: []),
+    "flip": Policy(_flip),
+    "strong": Policy(_strong),
+    "elastic": Policy(_elastic),
+    "cutmix": Policy(_flip, mix=cutmix),
+    "copy_paste": Policy(_flip, mix=copy_paste),
 }
 
 
-def build_transform(policy: str, mean, std, train: bool) -> A.Compose:
-    """policy's augmentations (train only), then normalisation and conversion to a CHW tensor."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown augmentation {policy!r}; choose one of {sorted(POLICIES)}")
-    augment = POLICIES[policy]() if train else []
+def get_policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name]
+
+
+def build_transform(name: str, mean, std, train: bool) -> A.Compose:
+    """The policy's per-sample transforms (train only), then normalisation and a CHW tensor."""
+    augment = get_policy(name).transforms() if train else []
     return A.Compose([*augment, A.Normalize(mean=mean, std=std), ToTensorV2()])
+
+
+def build_mixer(name: str, train: bool) -> Mixer | None:
+    """The policy's sample-mixing step, or None (always None for evaluation)."""
+    return get_policy(name).mix if train else None
