@@ -25,6 +25,8 @@ def parse_args(argv):
     parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default: from the space)")
     parser.add_argument("--name", default=None, help="experiment name (default: search-<timestamp>)")
     parser.add_argument("--storage", type=Path, default=Path("runs"), help="where experiments live (default: runs)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="train without images that fail validation (listed in a warning) instead of stopping")
     args = parser.parse_args(argv)
     if args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
@@ -41,9 +43,35 @@ def _check_gpus(requested: float) -> None:
         raise UserError(f"--gpus {requested:g} asks for more GPUs than this machine has ({available})")
 
 
+def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], str, int]:
+    """Checks the annotation files the search trains and validates on, and every image they list,
+    before Ray starts. Returns (file_names to leave out, image counts, number of classes)."""
+    from data_pipeline.coco import CocoSegmentation
+    from data_pipeline.validate import check_usable, format_warning, validate_dataset
+
+    if not data_root.is_dir():
+        raise UserError(f"data root {data_root} does not exist or is not a folder")
+    d = spec.data
+    files = {"train": d.train, "val": d.val} if d.split == "given" else {f"{d.folds}-fold": d.train_all}
+    skip, counts, classes = [], [], {}
+    for role, ann in files.items():
+        report = validate_dataset(data_root, ann, class_map=spec.class_map)
+        bad = check_usable(report, skip_bad)
+        if bad:
+            print(format_warning(report), file=sys.stderr, flush=True)
+        skip += bad
+        counts.append(f"{report.num_images - len(bad)} {role}")
+        classes[ann] = CocoSegmentation(data_root, ann, class_map=spec.class_map).class_names
+    (first, first_names), *others = classes.items()
+    for ann, names in others:
+        if names != first_names:
+            raise UserError(f"{data_root / first} and {data_root / ann} have different classes: "
+                            f"{first_names} vs {names}")
+    return skip, " / ".join(counts) + " images", len(first_names)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data_pipeline.coco import CocoSegmentation
     from search.space import load_space
 
     spec = load_space(args.space)
@@ -55,11 +83,7 @@ def main(argv=None) -> int:
         data_root = ensure_sample_dataset()
     else:
         data_root = args.data.resolve()
-    train, val = CocoSegmentation(data_root, spec.data.train), CocoSegmentation(data_root, spec.data.val)
-    if train.class_names != val.class_names:
-        raise UserError(f"{train.ann_path} and {val.ann_path} have different categories")
-    for split in (train, val):
-        split.check_images_exist()
+    skip, counts, num_classes = _validate_data(spec, data_root, args.skip_bad)
     storage = args.storage.resolve()
     name = args.name or time.strftime("search-%Y%m%d-%H%M%S")
     if (storage / name).exists():
@@ -68,13 +92,13 @@ def main(argv=None) -> int:
     from search.experiment import format_table, leaderboard_rows, read_trials, write_leaderboard
     from search.tune_runner import run_search, start_ray
 
-    print(f"Data: {data_root} ({len(train.image_ids)} train / {len(val.image_ids)} val images, "
-          f"{train.num_classes} classes)\nSpace: {args.space}\nExperiment: {storage / name}", flush=True)
+    print(f"Data: {data_root} ({counts}, {num_classes} classes)\nSpace: {args.space}\n"
+          f"Experiment: {storage / name}", flush=True)
     dashboard = start_ray(args.gpus)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard} (local only; Ray's token is in ~/.ray/auth_token)", flush=True)
     experiment = run_search(spec, data_root, storage=storage, name=name, gpus=args.gpus,
-                            num_samples=args.num_samples)
+                            num_samples=args.num_samples, skip=skip)
     trials = read_trials(experiment)
     rows = leaderboard_rows(trials)
     path = write_leaderboard(experiment, rows)

@@ -2,7 +2,7 @@
 
 A policy is an optional sample-mixing step (cutmix, copy_paste: they need a second training sample,
 so SegmentationDataset draws the partner and calls it) followed by per-sample albumentations
-transforms. Images stay uint8 until Normalize. Masks are resampled with nearest neighbour, and mask
+transforms. Images stay uint8 (models.inference.normalize converts batches on the device). Masks are resampled with nearest neighbour, and mask
 areas that geometric transforms bring in from outside the image are filled with IGNORE (255), so
 they add no loss; the matching image pixels are black.
 """
@@ -14,7 +14,6 @@ from typing import Callable
 import albumentations as A
 import cv2
 import numpy as np
-from albumentations.pytorch import ToTensorV2
 
 from .classes import IGNORE
 
@@ -112,10 +111,10 @@ def get_policy(name: str) -> Policy:
     return POLICIES[name]
 
 
-def build_transform(name: str, mean, std, train: bool) -> A.Compose:
-    """The policy's per-sample transforms (train only), then normalisation and a CHW tensor."""
+def build_transform(name: str, train: bool) -> A.Compose | None:
+    """The policy's per-sample transforms (train only); None when there are none."""
     augment = get_policy(name).transforms() if train else []
-    return A.Compose([*augment, A.Normalize(mean=mean, std=std), ToTensorV2()])
+    return A.Compose(augment) if augment else None
 
 
 def build_mixer(name: str, train: bool) -> Mixer | None:

@@ -1,22 +1,13 @@
-"""Decoded, resized splits held in memory, and the torch Dataset over them.
-
-A split is decoded once per (annotation file contents, resize) in each process and reused by every
-trial that process runs (Ray reuses trial actors).
-"""
+"""A decoded, resized split (see cache.load_split) and the torch Dataset over it."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from .coco import CocoSegmentation
+from .augment import build_mixer, build_transform
 
 
 @dataclass(frozen=True)
@@ -29,42 +20,80 @@ class Split:
     def __len__(self) -> int:
         return len(self.file_names)
 
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
-def load_split(root: str | Path, ann_file: str, resize: int, with_masks: bool = True) -> Split:
-    """All images (and label maps) of ann_file, resized to resize x resize."""
-    coco_path = Path(root) / ann_file
-    digest = file_digest(coco_path) if coco_path.is_file() else ""
-    return _load_split_cached(str(root), ann_file, int(resize), with_masks, digest)
-
-
-@lru_cache(maxsize=8)
-def _load_split_cached(root: str, ann_file: str, resize: int, with_masks: bool, digest: str) -> Split:
-    coco = CocoSegmentation(root, ann_file)
-    size = (resize, resize)
-    images = np.zeros((len(coco.image_ids), resize, resize, 3), np.uint8)
-    masks = np.zeros((len(coco.image_ids) if with_masks else 0, resize, resize), np.uint8)
-    for i, image_id in enumerate(coco.image_ids):
-        images[i] = cv2.resize(coco.read_image(image_id), size, interpolation=cv2.INTER_AREA)
-        if with_masks:
-            masks[i] = cv2.resize(coco.label_map(image_id), size, interpolation=cv2.INTER_NEAREST)
-    return Split(images, masks, tuple(coco.file_name(i) for i in coco.image_ids), tuple(coco.class_names))
+    def take(self, indices) -> "Split":
+        """The images at indices (e.g. one fold), copied out of the memory map."""
+        indices = np.asarray(indices, dtype=np.int64)
+        masks = self.masks[indices] if len(self.masks) else self.masks
+        return Split(self.images[indices], masks, tuple(self.file_names[i] for i in indices), self.class_names)
 
 
 class SegmentationDataset(Dataset):
-    """(image tensor [3, H, W] float, mask tensor [H, W] long) pairs of a Split through a transform."""
+    """(image uint8 [H, W, 3], mask uint8 [H, W]) tensor pairs of a Split under an augmentation policy.
 
-    def __init__(self, split: Split, transform: A.Compose):
-        self.split, self.transform = split, transform
+    In training, a policy with a mixing step (cutmix, copy_paste) first mixes the sample with a random
+    partner of the split, then its albumentations transforms run; evaluation (train=False) only
+    converts. Images stay uint8 HWC: models.inference.normalize converts whole batches on the device. Randomness comes from torch.initial_seed() of the process (set by torch.manual_seed,
+    and per worker by the DataLoader), so runs are reproducible; the split is never written.
+    """
+
+    def __init__(self, split: Split, policy: str, *, train: bool):
+        self.split = split
+        self.transform = build_transform(policy, train)
+        self.mix = build_mixer(policy, train)
+        self.train = train
+        self._seed: int | None = None
+        self._rng: np.random.Generator | None = None
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int):
-        has_mask = len(self.split.masks) > 0
-        mask = self.split.masks[index] if has_mask else np.zeros(self.split.images[index].shape[:2], np.uint8)
-        out = self.transform(image=self.split.images[index], mask=mask)
-        return out["image"], torch.as_tensor(out["mask"], dtype=torch.long)
+        image, mask = self.split.images[index], self._mask(index)
+        if self.train:
+            rng = self._generator()
+            if self.mix is not None:
+                partner = self._partner(index, rng)
+                image, mask = self.mix(image, mask, self.split.images[partner], self._mask(partner), rng)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        # np.require copies only what is still a view of the (read-only) split, or not contiguous.
+        return tuple(torch.from_numpy(np.require(a, requirements=["C", "W"])) for a in (image, mask))
+
+    def _mask(self, index: int) -> np.ndarray:
+        if len(self.split.masks) == 0:
+            return np.zeros(self.split.images.shape[1:3], np.uint8)
+        # A copy: torch.from_numpy warns on read-only memory maps.
+        return self.split.masks[index].copy()
+
+    def _partner(self, index: int, rng: np.random.Generator) -> int:
+        """A random other index (the same one only in a one-image split)."""
+        if len(self) == 1:
+            return index
+        other = int(rng.integers(len(self) - 1))
+        return other + (other >= index)
+
+    def _generator(self) -> np.random.Generator:
+        """The mixing RNG, with the transform reseeded alongside it, once per process or worker.
+
+        albumentations draws from its own generators and ignores global seeds, so both are derived
+        from torch.initial_seed(), which differs per DataLoader worker (and per epoch for
+        non-persistent workers) and follows torch.manual_seed in the main process.
+        """
+        seed = torch.initial_seed()
+        if seed != self._seed:
+            mix_seed, transform_seed = np.random.SeedSequence(seed).generate_state(2)
+            self._rng = np.random.default_rng(mix_seed)
+            if self.transform is not None:
+                self.transform.set_random_seed(int(transform_seed))
+            self._seed = seed
+        return self._rng
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0, **options) -> DataLoader:
+    """A DataLoader; with workers, batches reach the main process through torch's file_system
+    sharing strategy (a shared-memory file name per batch instead of passing file descriptors):
+    about 30% more samples/s with 2 workers here (bench/loader.py), and no descriptor limits."""
+    if workers:
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0, **options)

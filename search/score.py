@@ -15,18 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.dataset import load_split
+from data_pipeline.cache import load_split
+from data_pipeline.classes import UNKNOWN_POLICIES, class_map_for
 from data_pipeline.submission import read_submission
 from errors import UserError, run_cli
 from models.metrics import confusion_matrix, iou_per_class, mean_iou
 
 
-def score_submission(submission: str | Path, data_root: str | Path, gt_ann: str) -> dict:
+def score_submission(submission: str | Path, data_root: str | Path, gt_ann: str, class_map=None) -> dict:
     rows = read_submission(submission)
     if not rows:
         raise UserError(f"{submission} has no rows")
     size = math.isqrt(len(rows[0][1]))
-    truth = load_split(data_root, gt_ann, size)
+    truth = load_split(data_root, gt_ann, size, class_map=class_map)
     by_name = dict(rows)
     missing = [name for name in truth.file_names if name not in by_name]
     if missing:
@@ -46,10 +47,13 @@ def main(argv=None) -> int:
     parser.add_argument("submission", type=Path)
     parser.add_argument("--data", type=Path, required=True, help="dataset root")
     parser.add_argument("--gt", default="test_gt.json", help="labelled annotation file (default: %(default)s)")
+    parser.add_argument("--class-map", type=Path, default=None, help="class-map YAML the search used, if any")
+    parser.add_argument("--unknown", choices=UNKNOWN_POLICIES, default=None,
+                        help="UNKNOWN policy the search used (default: the class map's, else keep)")
     args = parser.parse_args(argv)
     if not args.submission.is_file():
         raise UserError(f"submission {args.submission} does not exist")
-    result = score_submission(args.submission, args.data, args.gt)
+    result = score_submission(args.submission, args.data, args.gt, class_map_for(args.class_map, args.unknown))
     for name, value in result["per_class_iou"].items():
         print(f"  {name:24s} {'-' if value is None else f'{value:.4f}'}")
     print(f"mIoU {result['miou']:.4f} over {result['images']} images at {result['size']}x{result['size']}")

@@ -3,7 +3,9 @@
 A space file has three sections:
 
     experiment: {num_samples, max_epochs, grace_period, reduction_factor, seed, cpus_per_trial, gpus_per_trial}
-    data:       {train, val, test}  annotation files relative to the data root
+    data:       train, val, test: annotation files relative to the data root
+                split: given (train/val files) | kfold (fold `fold` of `folds` over train_all, split_seed)
+                class_map: a class-map YAML (relative to this file), unknown: keep | background | ignore
     space:      one entry per trial parameter:
                   lr: 0.001                                   fixed value
                   decoder: {choice: [Unet, FPN]}              categorical
@@ -21,6 +23,9 @@ from typing import Any, Callable
 import yaml
 
 from data_pipeline.augment import POLICIES
+from data_pipeline.classes import UNKNOWN_POLICIES, ClassMap, class_map_for
+from data_pipeline.imbalance import CLASS_WEIGHT_MODES, SAMPLERS
+from data_pipeline.trial_data import SPLITS
 from errors import UserError
 from models.factory import check_backbone, check_decoder
 from models.losses import LOSSES
@@ -50,6 +55,11 @@ def _batch_size(value) -> None:
         raise UserError(f"batch_size must be a positive integer, got {value!r}")
 
 
+def _fold(value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"fold must be a non-negative integer, got {value!r}")
+
+
 def _optional_weights(value) -> None:
     if value is not None and not isinstance(value, str):
         raise UserError(f"encoder_weights must be null or a name such as imagenet, got {value!r}")
@@ -67,6 +77,9 @@ TRIAL_PARAMS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "lr": (_positive, 1e-3),
     "weight_decay": (lambda v: None if v == 0 else _positive(v), 1e-4),
     "batch_size": (_batch_size, 8),
+    "class_weights": (_one_of(CLASS_WEIGHT_MODES), "none"),
+    "sampler": (_one_of(SAMPLERS), "uniform"),
+    "fold": (_fold, 0),  # used with data.split: kfold
 }
 
 
@@ -88,6 +101,12 @@ class DataSettings:
     train: str = "train.json"
     val: str = "val.json"
     test: str = "test.json"
+    split: str = "given"
+    train_all: str = "train_all.json"
+    folds: int = 5
+    split_seed: int = 0
+    class_map: str = ""  # path of a class-map YAML, relative to the space file; "" = none
+    unknown: str = ""  # keep | background | ignore; "" = as the class map says, else keep
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,7 @@ class SearchSpec:
     experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
     data: DataSettings = field(default_factory=DataSettings)
     params: tuple[Param, ...] = ()
+    class_map: ClassMap | None = None  # data.class_map and data.unknown, loaded; None = categories as they are
 
 
 class SpaceSampler:
@@ -157,6 +177,7 @@ def _parse(raw, source: str) -> SearchSpec:
     experiment = _parse_settings(raw.get("experiment") or {}, ExperimentSettings, "experiment")
     data = _parse_settings(raw.get("data") or {}, DataSettings, "data")
     _check_experiment(experiment)
+    class_map = _check_data(data, Path(source).parent)
     space = raw.get("space")
     if not isinstance(space, dict) or not space:
         raise UserError("'space' must be a non-empty mapping of trial parameters")
@@ -164,7 +185,8 @@ def _parse(raw, source: str) -> SearchSpec:
     params: list[Param] = []
     for name, spec in space.items():
         params.append(_parse_param(name, spec, {p.name for p in params}))
-    return SearchSpec(source, experiment, data, tuple(params))
+    _check_folds(params, data)
+    return SearchSpec(source, experiment, data, tuple(params), class_map)
 
 
 def _reject_unknown(mapping: dict, known: set, prefix: str) -> None:
@@ -183,6 +205,8 @@ def _parse_settings(raw, cls, section: str):
     values = {}
     for key, value in raw.items():
         expected = type(getattr(defaults, key))
+        if value is None and expected is str:  # e.g. class_map: null
+            value = getattr(defaults, key)
         ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
         if isinstance(value, bool) or not ok:
             raise UserError(f"{section}.{key}: expected {expected.__name__}, got {value!r}")
@@ -202,6 +226,30 @@ def _check_experiment(e: ExperimentSettings) -> None:
         raise UserError(f"experiment.mode must be max or min, got {e.mode!r}")
     if e.gpus_per_trial < 0:
         raise UserError(f"experiment.gpus_per_trial must be >= 0, got {e.gpus_per_trial}")
+
+
+def _check_data(d: DataSettings, space_dir: Path) -> ClassMap | None:
+    if d.split not in SPLITS:
+        raise UserError(f"data.split must be one of {', '.join(SPLITS)}, got {d.split!r}")
+    if d.folds < 2:
+        raise UserError(f"data.folds must be at least 2, got {d.folds}")
+    if d.unknown and d.unknown not in UNKNOWN_POLICIES:
+        raise UserError(f"data.unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {d.unknown!r}")
+    path = (space_dir / d.class_map) if d.class_map else None
+    if path is not None and not path.is_file():
+        raise UserError(f"data.class_map: {path} does not exist")
+    return class_map_for(path, d.unknown or None)
+
+
+def _check_folds(params: list[Param], d: DataSettings) -> None:
+    fold = next((p for p in params if p.name == "fold"), None)
+    if fold is None:
+        return
+    if d.split != "kfold":
+        raise UserError("space.fold: folds exist only with data.split: kfold")
+    if max(fold.values) >= d.folds:
+        raise UserError(f"space.fold: folds are numbered 0..{d.folds - 1} (data.folds: {d.folds}), "
+                        f"got {max(fold.values)}")
 
 
 def _parse_param(name: str, spec, earlier: set[str]) -> Param:

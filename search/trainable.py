@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from ray import tune
-from torch.utils.data import DataLoader
 
-from data_pipeline.augment import build_transform
-from data_pipeline.dataset import SegmentationDataset, load_split
+from data_pipeline.dataset import SegmentationDataset, make_loader
+from data_pipeline.imbalance import build_sampler, class_pixel_frequencies, class_weights
+from data_pipeline.trial_data import DataSpec
 from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
 from models.factory import NORMALIZATION, build_model
-from models.inference import predict_batch, to_labels
+from models.inference import normalize, predict_batch, to_labels
 from models.losses import build_loss
 from models.metrics import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
 
@@ -47,22 +47,18 @@ def train_segmentation(config: dict) -> None:
     device = _device()
 
     resize = cfg["resize"]
-    train_split = load_split(cfg["data_root"], cfg["train_ann"], resize)
-    val_split = load_split(cfg["data_root"], cfg["val_ann"], resize)
-    if train_split.class_names != val_split.class_names:
-        raise ValueError(f"{cfg['train_ann']} and {cfg['val_ann']} have different categories")
+    train_split, val_split = DataSpec.from_config(cfg).train_val(resize)
     num_classes = len(train_split.class_names)
-    mean, std = NORMALIZATION["mean"], NORMALIZATION["std"]
-    train_loader = DataLoader(
-        SegmentationDataset(train_split, build_transform(cfg["augmentation"], mean, std, train=True)),
-        batch_size=cfg["batch_size"], shuffle=True, drop_last=len(train_split) > cfg["batch_size"],
-        generator=torch.Generator().manual_seed(cfg.get("seed", 0)))
-    val_loader = DataLoader(
-        SegmentationDataset(val_split, build_transform("none", mean, std, train=False)),
-        batch_size=max(cfg["batch_size"], 16))
+    generator = torch.Generator().manual_seed(cfg.get("seed", 0))
+    sampler = build_sampler(cfg["sampler"], train_split.masks, num_classes, generator)
+    # Cached splits make in-process loading fast enough for CPU training (bench/loader.py).
+    train_loader = make_loader(
+        SegmentationDataset(train_split, cfg["augmentation"], train=True), cfg["batch_size"],
+        shuffle=sampler is None, sampler=sampler, drop_last=len(train_split) > cfg["batch_size"], generator=generator)
+    val_loader = make_loader(SegmentationDataset(val_split, "none", train=False), max(cfg["batch_size"], 16))
 
     model = build_model(cfg["decoder"], cfg["backbone"], num_classes, cfg["encoder_weights"]).to(device)
-    loss_fn = build_loss(cfg)
+    loss_fn = build_loss(cfg, _class_weights(cfg["class_weights"], train_split.masks, num_classes)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["max_epochs"])
     meta = {
@@ -97,6 +93,12 @@ def train_segmentation(config: dict) -> None:
             tune.report({**metrics, "best_val_miou": best})
 
 
+def _class_weights(mode: str, masks, num_classes: int) -> torch.Tensor | None:
+    if mode == "none":
+        return None
+    return torch.from_numpy(class_weights(class_pixel_frequencies(masks, num_classes), mode))
+
+
 def _restore(directory: str, model, optimizer, scheduler, device) -> tuple[int, float]:
     """Loads weights and optimiser state of a checkpoint; returns (its epoch, its val mIoU)."""
     meta = read_meta(directory)
@@ -111,8 +113,8 @@ def _train_epoch(model, loader, loss_fn, optimizer, device) -> float:
     model.train()
     total, count = 0.0, 0
     for images, masks in loader:
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        loss = loss_fn(model(images), masks)
+        images = normalize(images.to(device, non_blocking=True), NORMALIZATION)
+        loss = loss_fn(model(images), masks.to(device, non_blocking=True).long())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -125,7 +127,8 @@ def _evaluate(model, loader, num_classes: int, device) -> dict:
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     nll, count = 0.0, 0
     for images, masks in loader:
-        probs, masks = predict_batch(model, images, device=device), masks.to(device)
+        probs = predict_batch(model, images, device=device, normalization=NORMALIZATION)
+        masks = masks.to(device).long()
         conf += confusion_matrix(masks, to_labels(probs), num_classes)
         nll += F.nll_loss(probs.clamp_min(1e-8).log(), masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((masks != IGNORE_INDEX).sum())

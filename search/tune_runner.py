@@ -12,6 +12,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from data_pipeline.trial_data import DataSpec
+
 from .space import SearchSpec, SpaceSampler
 from .trainable import train_segmentation
 
@@ -51,14 +53,21 @@ def trial_dirname(trial) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def trial_constants(spec: SearchSpec, data_root: Path) -> dict:
-    """Settings every trial needs that are not searched: where the data is, how long to train."""
-    return {"data_root": str(data_root), "train_ann": spec.data.train, "val_ann": spec.data.val,
-            "test_ann": spec.data.test, "max_epochs": spec.experiment.max_epochs, "seed": spec.experiment.seed}
+def data_spec(spec: SearchSpec, data_root: Path, skip=()) -> DataSpec:
+    d = spec.data
+    return DataSpec(str(data_root), d.train, d.val, d.test, d.split, d.train_all, d.folds, split_seed=d.split_seed,
+                    class_map=spec.class_map.to_dict() if spec.class_map else None, skip=tuple(sorted(skip)))
+
+
+def trial_constants(spec: SearchSpec, data_root: Path, skip=()) -> dict:
+    """Settings every trial needs that are not searched: its data, how long to train."""
+    data = data_spec(spec, data_root, skip).to_config()
+    del data["fold"]  # a trial parameter (searchable), not a constant
+    return {**data, "max_epochs": spec.experiment.max_epochs, "seed": spec.experiment.seed}
 
 
 def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, gpus: float,
-               num_samples: int | None = None) -> Path:
+               num_samples: int | None = None, skip=()) -> Path:
     """Runs the search to completion in the running Ray instance; returns the experiment folder."""
     e = spec.experiment
     gpus_per_trial = e.gpus_per_trial if gpus > 0 else 0
@@ -66,7 +75,7 @@ def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, g
     slots = resources.get("CPU", 1) / e.cpus_per_trial
     if gpus_per_trial:
         slots = min(slots, resources.get("GPU", 0) / gpus_per_trial)
-    searcher = OptunaSearch(space=SpaceSampler(spec.params, trial_constants(spec, data_root)),
+    searcher = OptunaSearch(space=SpaceSampler(spec.params, trial_constants(spec, data_root, skip)),
                             metric=e.metric, mode=e.mode, seed=e.seed)
     tuner = tune.Tuner(
         tune.with_resources(train_segmentation, {"cpu": e.cpus_per_trial, "gpu": gpus_per_trial}),

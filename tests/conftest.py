@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# Decoded-split cache of this test session (inherited by the CLIs and Ray workers the tests start).
+os.environ["SEGSEARCH_CACHE"] = tempfile.mkdtemp(prefix="segsearch-tests-")
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,9 @@ def run_cli(script: str, *args, timeout: float = 600, env: dict | None = None) -
     command = [script] if script == "-m" else [str(ROOT / script)]
     return subprocess.run([sys.executable, *command, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["SEGSEARCH_CACHE"], ignore_errors=True)

@@ -10,8 +10,6 @@ from data_pipeline.dataset import SegmentationDataset, Split
 
 pytestmark = pytest.mark.filterwarnings("error")  # e.g. torch's warning on wrapping read-only arrays
 
-# Normalize then only divides by 255, so outputs map back to the input's uint8 values.
-MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 DARK, BRIGHT = 10, 245
 SIZE = 96
 
@@ -37,7 +35,7 @@ def _bright_discs(count=4, seed=0) -> Split:
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return image.numpy()
 
 
 def _interior(region: np.ndarray) -> np.ndarray:
@@ -47,14 +45,14 @@ def _interior(region: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_image_and_mask_stay_aligned_and_labels_stay_valid(name):
-    ds = SegmentationDataset(_bright_discs(), name, MEAN, STD, train=True)
+    ds = SegmentationDataset(_bright_discs(), name, train=True)
     torch.manual_seed(0)
     saw_ignore = False
     for _ in range(10):
         for index in range(len(ds)):
             image, mask = ds[index]
-            assert image.dtype == torch.float32 and image.shape == (3, SIZE, SIZE)
-            assert mask.dtype == torch.long and mask.shape == (SIZE, SIZE)
+            assert image.dtype == torch.uint8 and image.shape == (SIZE, SIZE, 3)
+            assert mask.dtype == torch.uint8 and mask.shape == (SIZE, SIZE)
             mask = mask.numpy()
             assert set(np.unique(mask)) <= {0, 1, 255}
             saw_ignore |= bool((mask == 255).any())
@@ -69,7 +67,7 @@ def test_image_and_mask_stay_aligned_and_labels_stay_valid(name):
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_areas_from_outside_the_image_are_black_and_ignored(name):
     images, masks = np.full((2, SIZE, SIZE, 3), BRIGHT), np.ones((2, SIZE, SIZE))
-    ds = SegmentationDataset(_split(images, masks), name, MEAN, STD, train=True)
+    ds = SegmentationDataset(_split(images, masks), name, train=True)
     torch.manual_seed(0)
     outside = 0
     for _ in range(20):
@@ -86,7 +84,7 @@ def test_cutmix_pastes_a_box_of_the_partner_with_the_partners_labels():
     red, blue = np.array([200, 30, 30], np.uint8), np.array([30, 30, 200], np.uint8)
     images = [np.broadcast_to(red, (SIZE, SIZE, 3)), np.broadcast_to(blue, (SIZE, SIZE, 3))]
     ds = SegmentationDataset(_split(images, [np.full((SIZE, SIZE), 1), np.full((SIZE, SIZE), 2)]),
-                             "cutmix", MEAN, STD, train=True)
+                             "cutmix", train=True)
     torch.manual_seed(0)
     mixed = 0
     for _ in range(20):
@@ -120,7 +118,7 @@ def test_copy_paste_pastes_partner_instances_with_their_labels_and_colours():
     partner_image, partner_mask = _partner_with_instances()
     plain = np.full((SIZE, SIZE, 3), 90, np.uint8)
     ds = SegmentationDataset(_split([plain, partner_image], [np.zeros((SIZE, SIZE)), partner_mask]),
-                             "copy_paste", MEAN, STD, train=True)
+                             "copy_paste", train=True)
     torch.manual_seed(0)
     labels_seen = set()
     for _ in range(30):
@@ -156,9 +154,9 @@ def test_copy_paste_moves_a_whole_instance_and_its_pixels_by_one_shift():
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_evaluation_path_only_normalises(name):
+def test_evaluation_path_only_converts(name):
     split = _bright_discs(count=2)
-    ds = SegmentationDataset(split, name, MEAN, STD, train=False)
+    ds = SegmentationDataset(split, name, train=False)
     for index in range(len(split)):
         image, mask = ds[index]
         assert np.array_equal(_to_uint8(image), split.images[index])
@@ -168,7 +166,7 @@ def test_evaluation_path_only_normalises(name):
 def test_evaluation_path_without_masks_gives_background_masks():
     split = _bright_discs(count=2)
     ds = SegmentationDataset(Split(split.images, split.masks[:0], split.file_names, split.class_names),
-                             "none", MEAN, STD, train=False)
+                             "none", train=False)
     image, mask = ds[1]
     assert np.array_equal(_to_uint8(image), split.images[1]) and not mask.any()
 
@@ -177,7 +175,7 @@ def test_evaluation_path_without_masks_gives_background_masks():
 def test_training_draws_follow_torch_manual_seed(name):
     def draws(seed):
         torch.manual_seed(seed)
-        ds = SegmentationDataset(_bright_discs(), name, MEAN, STD, train=True)
+        ds = SegmentationDataset(_bright_discs(), name, train=True)
         return [ds[i % len(ds)] for i in range(8)]
 
     first, again, other = draws(1), draws(1), draws(2)
@@ -189,7 +187,7 @@ def test_training_draws_follow_torch_manual_seed(name):
 def test_dataloader_workers_draw_differently_and_reproducibly():
     disc = _bright_discs(count=1)
     same = _split(np.repeat(disc.images, 8, axis=0), np.repeat(disc.masks, 8, axis=0))
-    ds = SegmentationDataset(same, "strong", MEAN, STD, train=True)
+    ds = SegmentationDataset(same, "strong", train=True)
 
     def batches():
         loader = DataLoader(ds, batch_size=4, num_workers=2, generator=torch.Generator().manual_seed(0))

@@ -119,25 +119,35 @@ def test_ensemble_without_experiments_is_a_one_line_error(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "no experiment found" in result.stderr
 
 
-def test_missing_images_are_reported_before_ray_starts(sample_root, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(sample_root, data)
-    victim = CocoSegmentation(data, "val.json").file_name(CocoSegmentation(data, "val.json").image_ids[0])
-    (data / victim).unlink()
-    result = run_cli("launch.py", "--data", data, "--storage", tmp_path / "runs", timeout=120)
-    assert result.returncode == 2 and f"e.g. {victim}" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_when_every_trial_fails_launch_and_ensemble_say_so(sample_root, tmp_path):
+def test_bad_images_stop_launch_before_ray_starts_unless_skip_bad(sample_root, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(sample_root, data)
     val = CocoSegmentation(data, "val.json")
-    (data / val.file_name(val.image_ids[0])).write_bytes(b"not a jpeg")  # every trial fails to read it
-    (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("num_samples: 6", "num_samples: 2"))
-    result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", data,
-                     "--storage", tmp_path / "runs", "--name", "broken")
+    victim = val.file_name(val.image_ids[0])
+    (data / victim).unlink()
+    result = run_cli("launch.py", "--data", data, "--storage", tmp_path / "runs", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and f"val.json: {victim}: image id" in result.stderr
+    assert "--skip-bad" in result.stderr and not (tmp_path / "runs").exists()
+
+    (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("num_samples: 6", "num_samples: 1")
+                                         .replace("max_epochs: 3", "max_epochs: 1"))
+    result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", data, "--skip-bad",
+                     "--storage", tmp_path / "runs", "--name", "skipped")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: leaving out 1 of" in result.stderr and victim in result.stderr
+    [meta] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "skipped").rglob("model.json")]
+    assert victim not in meta["val_images"] and len(meta["val_images"]) == len(val.image_ids) - 1
+
+
+def test_when_every_trial_fails_launch_and_ensemble_say_so(sample_root, tmp_path):
+    (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("num_samples: 6", "num_samples: 2")
+                                         + "  encoder_weights: imagenet\n")
+    empty_caches = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
+    result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root,
+                     "--storage", tmp_path / "runs", "--name", "broken", env=empty_caches)
     assert result.returncode == 1 and "no trial reported a val mIoU" in result.stderr
-    assert "2 trial(s) errored" in result.stderr and "cannot read image" in result.stderr
+    assert "2 trial(s) errored" in result.stderr and "cannot load 'imagenet' weights" in result.stderr
     assert {r["status"] for r in _leaderboard(tmp_path / "runs" / "broken")} == {"errored"}
     result = run_cli("ensemble_select.py", "--experiment", tmp_path / "runs" / "broken")
     assert result.returncode == 2 and "no trial with a checkpoint" in result.stderr

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from data_pipeline.augment import build_transform
 from data_pipeline.coco import CocoSegmentation
-from data_pipeline.dataset import SegmentationDataset, load_split
+from data_pipeline.cache import load_split
+from data_pipeline.dataset import SegmentationDataset
 from data_pipeline.submission import read_submission, write_submission
 from errors import UserError
 
@@ -82,12 +82,11 @@ def test_sample_split_loads_resized_with_matching_masks(sample_root):
 
 def test_dataset_applies_flip_policy_to_image_and_mask_together(sample_root):
     split = load_split(sample_root, "val.json", 64)
-    transform = build_transform("flip", [0.5] * 3, [0.25] * 3, train=True)
-    ds = SegmentationDataset(split, transform)
+    ds = SegmentationDataset(split, "flip", train=True)
     flipped = plain = 0
     for _ in range(20):
         image, mask = ds[0]
-        assert image.shape == (3, 64, 64) and mask.shape == (64, 64)
+        assert image.shape == (64, 64, 3) and mask.shape == (64, 64)
         if np.array_equal(mask.numpy(), split.masks[0][:, ::-1]) and not np.array_equal(mask.numpy(), split.masks[0]):
             flipped += 1
         elif np.array_equal(mask.numpy(), split.masks[0]):

@@ -10,7 +10,7 @@ import torch
 from errors import UserError
 from models.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from models.factory import build_model, check_backbone, check_decoder
-from models.inference import predict_probs
+from models.inference import normalize, predict_batch, predict_probs
 
 from .conftest import ROOT
 
@@ -87,3 +87,17 @@ def test_tta_probabilities_are_mirror_symmetric_and_normalised(tta):
 def test_unknown_tta_mode_is_rejected():
     with pytest.raises(ValueError, match="unknown TTA mode 'rotate'"):
         next(predict_probs(build_model("Unet", "resnet18", 2), [torch.randn(1, 3, 32, 32)], tta="rotate"))
+
+
+def test_uint8_batches_are_normalised_on_the_device_like_float_input():
+
+
+    model = build_model("Unet", "resnet18", 3)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)  # as loaders deliver them: HWC
+    norm = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    chw = images.permute(0, 3, 1, 2).float()
+    expected = (chw / 255 - torch.tensor(norm["mean"]).view(1, 3, 1, 1)) / torch.tensor(norm["std"]).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(images, norm), expected, atol=1e-5)
+    assert torch.allclose(predict_batch(model, images, normalization=norm), predict_batch(model, expected), atol=1e-5)
+    with pytest.raises(ValueError, match="uint8 images need the model's normalization"):
+        predict_batch(model, images)

@@ -1,6 +1,6 @@
 import pytest
 
-from data_pipeline.dataset import load_split
+from data_pipeline.cache import load_split
 from data_pipeline.submission import write_submission
 from errors import UserError
 from search.score import score_submission

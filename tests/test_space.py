@@ -88,3 +88,47 @@ def test_yaml_is_read_safely(tmp_path):
     path = _write(tmp_path, "space: !!python/object/apply:os.system ['echo pwned']")
     with pytest.raises(UserError, match="not valid YAML"):
         load_space(path)
+
+
+DATA_SPACE = """
+data: {split: kfold, folds: 4, split_seed: 2, class_map: classes.yaml, unknown: ignore}
+space:
+  fold: {choice: [0, 1, 2, 3]}
+  augmentation: {choice: [none, flip, strong, elastic, cutmix, copy_paste]}
+  class_weights: {choice: [none, inverse, sqrt_inverse]}
+  sampler: {choice: [uniform, rare]}
+"""
+
+
+def test_data_settings_and_data_params_reach_the_trial_constants(tmp_path):
+    from search.tune_runner import trial_constants
+
+    (tmp_path / "classes.yaml").write_text("map: {Rope: Background}\n")
+    spec = load_space(_write(tmp_path, DATA_SPACE))
+    assert spec.class_map.unknown_policy == "ignore" and spec.class_map.target("Rope") == "Background"
+    constants = trial_constants(spec, Path("/data"), skip=["b.jpg", "a.jpg"])
+    assert constants["split"] == "kfold" and constants["folds"] == 4 and constants["split_seed"] == 2
+    assert constants["class_map"] == spec.class_map.to_dict() and constants["skip_images"] == ["a.jpg", "b.jpg"]
+    assert "fold" not in constants  # searched, so it must not be overridden by a constant
+
+
+@pytest.mark.parametrize("data, space, message", [
+    ("{split: random}", "", "data.split must be one of given, kfold"),
+    ("{split: kfold, folds: 1}", "", "data.folds must be at least 2"),
+    ("{unknown: drop}", "", "data.unknown must be one of keep, background, ignore"),
+    ("{class_map: nope.yaml}", "", "data.class_map: .*nope.yaml does not exist"),
+    ("{}", "  fold: 1\n", "space.fold: folds exist only with data.split: kfold"),
+    ("{split: kfold, folds: 3}", "  fold: {int: [0, 3]}\n", r"space.fold: folds are numbered 0..2"),
+    ("{}", "  sampler: random\n", "space.sampler: unknown value 'random'"),
+    ("{}", "  class_weights: {choice: [none, log]}\n", "space.class_weights.choice: unknown value 'log'"),
+])
+def test_bad_data_settings_name_the_key(tmp_path, data, space, message):
+    path = _write(tmp_path, f"data: {data}\nspace:\n  lr: 0.001\n{space}")
+    with pytest.raises(UserError, match=message):
+        load_space(path)
+
+
+def test_a_bad_class_map_file_is_reported_with_its_path(tmp_path):
+    (tmp_path / "classes.yaml").write_text("mapp: {}\n")
+    with pytest.raises(UserError, match=r"space.yaml: .*classes.yaml: unknown key mapp \(did you mean 'map'\?\)"):
+        load_space(_write(tmp_path, "data: {class_map: classes.yaml}\nspace:\n  lr: 0.001\n"))

@@ -1,0 +1,111 @@
+"""Which images a trial trains, validates and is tested on: the data settings every trial carries.
+
+`DataSpec` travels inside each trial's config as plain values (trials may run on other nodes), and
+is rebuilt from it by the trainable, by ensemble selection and by scoring, so they all see the same
+split, class map and skipped images.
+
+Splits are either the given train/val files or fold `fold` of a deterministic stratified k-fold over
+`train_all` (data_pipeline.splits), stratified on the classes of each image's annotations at full
+resolution, so that every resize of a search sees the same folds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+from .cache import file_digest, load_split
+from .classes import ClassMap
+from .coco import CocoSegmentation
+from .dataset import Split
+from .splits import kfold_indices
+
+SPLITS = ("given", "kfold")
+IGNORED_LABELS = {0, 255}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    root: str
+    train: str = "train.json"
+    val: str = "val.json"
+    test: str = "test.json"
+    split: str = "given"  # given | kfold
+    train_all: str = "train_all.json"
+    folds: int = 5
+    fold: int = 0
+    split_seed: int = 0
+    class_map: dict | None = None  # ClassMap.to_dict(); None = categories as they are
+    skip: tuple[str, ...] = ()  # file_names left out everywhere (launch.py --skip-bad)
+
+    # Trial-config key of each field (the first four keep the names trials always had).
+    CONFIG_KEYS = {"root": "data_root", "train": "train_ann", "val": "val_ann", "test": "test_ann",
+                   "train_all": "train_all_ann", "skip": "skip_images"}
+
+    @classmethod
+    def from_config(cls, config: dict, root: str | Path | None = None) -> "DataSpec":
+        """The spec of a trial config; root overrides where the data lives (another machine)."""
+        values = {f.name: config[key] for f in fields(cls)
+                  if (key := cls.CONFIG_KEYS.get(f.name, f.name)) in config}
+        if root is not None:
+            values["root"] = str(root)
+        values["skip"] = tuple(values.get("skip", ()))
+        return cls(**values)
+
+    def to_config(self) -> dict:
+        return {self.CONFIG_KEYS.get(k, k): (list(v) if k == "skip" else v) for k, v in asdict(self).items()}
+
+    def classes(self) -> ClassMap | None:
+        return ClassMap.from_dict(self.class_map) if self.class_map else None
+
+    def load(self, ann_file: str, resize: int, with_masks: bool = True) -> Split:
+        return load_split(self.root, ann_file, resize, class_map=self.classes(), skip=frozenset(self.skip),
+                          with_masks=with_masks)
+
+    def train_val(self, resize: int) -> tuple[Split, Split]:
+        if self.split == "given":
+            train, val = self.load(self.train, resize), self.load(self.val, resize)
+            if train.class_names != val.class_names:
+                raise ValueError(f"{self.train} and {self.val} have different classes")
+            return train, val
+        everything = self.load(self.train_all, resize)
+        train_idx, val_idx = self.fold_indices()
+        return everything.take(train_idx), everything.take(val_idx)
+
+    def val_split(self, resize: int, with_masks: bool = True) -> Split:
+        if self.split == "given":
+            return self.load(self.val, resize, with_masks)
+        return self.load(self.train_all, resize, with_masks).take(self.fold_indices()[1])
+
+    def val_fingerprint(self) -> str:
+        """A digest of everything the val set depends on (annotations, split, classes, skipped images)."""
+        ann = self.val if self.split == "given" else self.train_all
+        parts = [file_digest(Path(self.root) / ann), self.to_config()]
+        del parts[1]["data_root"]  # the same data elsewhere has the same val set
+        return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fold_indices(self):
+        """(train, val) image indices of this fold within train_all."""
+        digest = file_digest(Path(self.root) / self.train_all)
+        return _fold_indices(self.root, self.train_all, digest, self.classes(), frozenset(self.skip),
+                             self.folds, self.fold, self.split_seed)
+
+
+@lru_cache(maxsize=8)
+def _fold_indices(root: str, ann_file: str, digest: str, class_map: ClassMap | None, skip: frozenset, folds: int,
+                  fold: int, seed: int):
+    del digest  # in the cache key only: a changed train_all file gets its folds computed again
+    coco = CocoSegmentation(root, ann_file, class_map=class_map, skip=skip)
+    return kfold_indices(image_classes(coco), folds, fold, seed)
+
+
+def image_classes(coco: CocoSegmentation) -> list[frozenset[int]]:
+    """The labels (not background, not ignored) of each image's annotations, in image order."""
+    label_of = coco.classes.label_of
+    by_image: dict[int, set[int]] = {image_id: set() for image_id in coco.image_ids}
+    for ann in coco.coco.dataset.get("annotations", []):
+        if ann["image_id"] in by_image:
+            by_image[ann["image_id"]].add(label_of[ann["category_id"]])
+    return [frozenset(by_image[i] - IGNORED_LABELS) for i in coco.image_ids]
