@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from ray import tune
 
 from data_pipeline.dataset import SegmentationDataset, make_loader
@@ -19,9 +18,8 @@ from data_pipeline.imbalance import build_sampler, class_pixel_frequencies, clas
 from data_pipeline.trial_data import DataSpec
 from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
 from models.factory import NORMALIZATION, build_model
-from models.inference import normalize, predict_batch, to_labels
 from models.losses import build_loss
-from models.metrics import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
+from models.training import evaluate, train_epoch
 
 from .space import trial_defaults
 
@@ -40,9 +38,16 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _loader_workers(cpus: int, device: torch.device) -> int:
+    """On a GPU, augmentation runs in cpus - 1 loader processes beside the training one. On the CPU
+    the cores are the model's: slicing cached splits in-process costs little (bench/loader.py)."""
+    return max(0, cpus - 1) if device.type == "cuda" else 0
+
+
 def train_segmentation(config: dict) -> None:
     cfg = {**trial_defaults(), **config}
-    torch.set_num_threads(_trial_cpus(cfg))
+    cpus = _trial_cpus(cfg)
+    torch.set_num_threads(cpus)
     torch.manual_seed(cfg.get("seed", 0))
     device = _device()
 
@@ -51,9 +56,9 @@ def train_segmentation(config: dict) -> None:
     num_classes = len(train_split.class_names)
     generator = torch.Generator().manual_seed(cfg.get("seed", 0))
     sampler = build_sampler(cfg["sampler"], train_split.masks, num_classes, generator)
-    # Cached splits make in-process loading fast enough for CPU training (bench/loader.py).
     train_loader = make_loader(
         SegmentationDataset(train_split, cfg["augmentation"], train=True), cfg["batch_size"],
+        workers=_loader_workers(cpus, device), pin_memory=device.type == "cuda",
         shuffle=sampler is None, sampler=sampler, drop_last=len(train_split) > cfg["batch_size"], generator=generator)
     val_loader = make_loader(SegmentationDataset(val_split, "none", train=False), max(cfg["batch_size"], 16))
 
@@ -76,9 +81,9 @@ def train_segmentation(config: dict) -> None:
 
     for epoch in range(start_epoch + 1, cfg["max_epochs"] + 1):
         started = time.perf_counter()
-        train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, device)
+        train_loss = train_epoch(model, train_loader, loss_fn, optimizer, device, NORMALIZATION)
         scheduler.step()
-        val = _evaluate(model, val_loader, num_classes, device)
+        val = evaluate(model, val_loader, num_classes, device, NORMALIZATION)
         metrics = {**val, "train_loss": train_loss, "epoch": epoch,
                    "epoch_time_s": time.perf_counter() - started}
         if val["val_miou"] > best:
@@ -107,30 +112,3 @@ def _restore(directory: str, model, optimizer, scheduler, device) -> tuple[int, 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return meta["epoch"], meta["metrics"]["val_miou"]
-
-
-def _train_epoch(model, loader, loss_fn, optimizer, device) -> float:
-    model.train()
-    total, count = 0.0, 0
-    for images, masks in loader:
-        images = normalize(images.to(device, non_blocking=True), NORMALIZATION)
-        loss = loss_fn(model(images), masks.to(device, non_blocking=True).long())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(images)
-        count += len(images)
-    return total / max(count, 1)
-
-
-def _evaluate(model, loader, num_classes: int, device) -> dict:
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    nll, count = 0.0, 0
-    for images, masks in loader:
-        probs = predict_batch(model, images, device=device, normalization=NORMALIZATION)
-        masks = masks.to(device).long()
-        conf += confusion_matrix(masks, to_labels(probs), num_classes)
-        nll += F.nll_loss(probs.clamp_min(1e-8).log(), masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((masks != IGNORE_INDEX).sum())
-    return {"val_miou": mean_iou(conf), "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll / max(count, 1)}
-
