@@ -62,12 +62,26 @@ def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], st
         skip += bad
         counts.append(f"{report.num_images - len(bad)} {role}")
         classes[ann] = CocoSegmentation(data_root, ann, class_map=spec.class_map).class_names
+    _check_test_images(data_root, d.test, spec.class_map)
     (first, first_names), *others = classes.items()
     for ann, names in others:
         if names != first_names:
             raise UserError(f"{data_root / first} and {data_root / ann} have different classes: "
                             f"{first_names} vs {names}")
     return skip, " / ".join(counts) + " images", len(first_names)
+
+
+def _check_test_images(data_root: Path, test_ann: str, class_map) -> None:
+    """The test images must all be readable now: the submission needs a row for each of them."""
+    from data_pipeline.validate import summarise, validate_dataset
+
+    if not (data_root / test_ann).is_file():
+        print(f"warning: {data_root / test_ann} does not exist; ensemble_select.py will need it", file=sys.stderr)
+        return
+    report = validate_dataset(data_root, test_ann, class_map=class_map, require_annotations=False)
+    if report.problems():
+        raise UserError(f"{test_ann} cannot be used (test images cannot be skipped: the submission needs "
+                        f"every one): {summarise(report.problems())}")
 
 
 def main(argv=None) -> int:

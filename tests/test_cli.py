@@ -140,6 +140,17 @@ def test_bad_images_stop_launch_before_ray_starts_unless_skip_bad(sample_root, t
     assert victim not in meta["val_images"] and len(meta["val_images"]) == len(val.image_ids) - 1
 
 
+def test_a_bad_test_image_stops_launch_even_with_skip_bad(sample_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_root, data)
+    test = CocoSegmentation(data, "test.json")
+    (data / test.file_name(test.image_ids[0])).write_bytes(b"not a jpeg")
+    result = run_cli("launch.py", "--data", data, "--skip-bad", "--storage", tmp_path / "runs", timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "test.json cannot be used (test images cannot be skipped" in result.stderr
+    assert test.file_name(test.image_ids[0]) in result.stderr
+
+
 def test_when_every_trial_fails_launch_and_ensemble_say_so(sample_root, tmp_path):
     (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("num_samples: 6", "num_samples: 2")
                                          + "  encoder_weights: imagenet\n")
