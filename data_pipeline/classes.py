@@ -41,9 +41,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from errors import UserError
+from yaml_file import load_yaml
 
 BACKGROUND = "Background"
 IGNORE = 255  # the label losses and the metric skip (models.metrics.IGNORE_INDEX)
@@ -86,18 +85,7 @@ class ClassMap:
     @classmethod
     def load(cls, path: str | Path, unknown: str | None = None) -> ClassMap:
         """Reads a class-map file; `unknown` (a policy) overrides the file's `unknown.policy`."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"class map file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
-        try:
-            class_map = cls.from_dict(raw)
-        except UserError as exc:
-            raise UserError(f"{path}: {exc}") from None
-        return class_map.with_unknown(unknown)
+        return load_yaml(path, "class map", cls.from_dict).with_unknown(unknown)
 
     @classmethod
     def from_dict(cls, raw) -> ClassMap:

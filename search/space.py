@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from data_pipeline.augment import POLICIES
 from data_pipeline.classes import UNKNOWN_POLICIES, ClassMap, class_map_for
 from data_pipeline.imbalance import CLASS_WEIGHT_MODES, SAMPLERS
@@ -29,6 +27,7 @@ from data_pipeline.trial_data import SPLITS
 from errors import UserError
 from models.factory import check_backbone, check_decoder
 from models.losses import LOSSES
+from yaml_file import load_yaml
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 
@@ -157,17 +156,7 @@ class SpaceSampler:
 
 def load_space(path: str | Path) -> SearchSpec:
     """Reads and validates a space file; every problem is a UserError naming the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"search space file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
-    try:
-        return _parse(raw, str(path))
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
+    return load_yaml(path, "search space", lambda raw: _parse(raw, str(path)))
 
 
 def _parse(raw, source: str) -> SearchSpec:
