@@ -164,13 +164,6 @@ class CocoSegmentation:
     def image_path(self, image_id: int) -> Path:
         return resolve_inside(self.root, self.file_name(image_id), f"image of {self.ann_path.name}")
 
-    def check_images_exist(self) -> None:
-        """Raises a UserError naming the first missing image (and how many are missing)."""
-        missing = [self.file_name(i) for i in self.image_ids if not self.image_path(i).is_file()]
-        if missing:
-            raise UserError(f"{len(missing)} image(s) listed in {self.ann_path} are missing under {self.root}, "
-                            f"e.g. {missing[0]}")
-
     def read_image(self, image_id: int) -> np.ndarray:
         """The image as RGB uint8 [H, W, 3], in the orientation the annotations refer to.
 
