@@ -55,3 +55,25 @@ def _checked_weights(class_weights: Weights) -> Weights:
     if weights.ndim != 1 or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() == 0:
         raise ValueError(f"class_weights must be 1-D, finite, non-negative and not all zero; got {weights}")
     return weights
+
+
+def _positive_number(value) -> None:
+    from errors import UserError
+
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"expected a positive number, got {value!r}")
+
+
+def _loss_name(value) -> None:
+    from errors import UserError
+
+    if value not in LOSSES:
+        raise UserError(f"unknown value {value!r}; choose one of {sorted(LOSSES)}")
+
+
+# Trial parameters of the loss, each with the check of one value and its default (search.space
+# merges them into its TRIAL_PARAMS).
+LOSS_PARAMS = {
+    "loss": (_loss_name, "ce"),
+    "focal_gamma": (_positive_number, 2.0),
+}

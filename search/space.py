@@ -26,7 +26,8 @@ from data_pipeline.imbalance import CLASS_WEIGHT_MODES, SAMPLERS
 from data_pipeline.trial_data import SPLITS
 from errors import UserError
 from models.factory import check_backbone, check_decoder
-from models.losses import LOSSES
+from models.losses import LOSS_PARAMS
+from models.optim import TRAINING_PARAMS
 from yaml_file import load_yaml
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
@@ -69,8 +70,7 @@ TRIAL_PARAMS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "decoder": (check_decoder, "Unet"),
     "backbone": (check_backbone, "resnet18"),
     "encoder_weights": (_optional_weights, None),
-    "loss": (_one_of(LOSSES), "ce"),
-    "focal_gamma": (_positive, 2.0),
+    **LOSS_PARAMS,
     "augmentation": (_one_of(POLICIES), "flip"),
     "resize": (_resize, 128),
     "lr": (_positive, 1e-3),
@@ -79,6 +79,7 @@ TRIAL_PARAMS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "class_weights": (_one_of(CLASS_WEIGHT_MODES), "none"),
     "sampler": (_one_of(SAMPLERS), "uniform"),
     "fold": (_fold, 0),  # used with data.split: kfold
+    **TRAINING_PARAMS,
 }
 
 
