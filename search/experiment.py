@@ -15,9 +15,11 @@ from ray.tune import ExperimentAnalysis
 
 from errors import UserError
 
+from models.losses import loss_label, parse_loss
+from models.metrics import METRIC_MODES
+
 from .space import trial_defaults
 
-METRIC, MODE = "val_miou", "max"
 LEADERBOARD_FILE = "leaderboard.csv"
 LEADERBOARD_COLUMNS = ["trial_id", "decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize", "lr",
                        "best_val_miou", "epochs", "status", "time_s"]
@@ -33,6 +35,14 @@ class TrialRecord:
     time_s: float
     checkpoint: Path | None  # directory of the best checkpoint, if any
     error: str = ""  # last line of the trial's traceback, for errored trials
+    metric: str = "val_miou"  # the experiment's ranking metric (experiment.metric of the space)
+    best: float = math.nan  # the trial's best value of it
+
+    def sort_key(self) -> float:
+        """Smaller is better; trials that never reported last."""
+        if math.isnan(self.best):
+            return math.inf
+        return -self.best if METRIC_MODES[self.metric] == "max" else self.best
 
 
 def is_experiment(path: Path) -> bool:
@@ -51,11 +61,12 @@ def read_trials(experiment: str | Path) -> list[TrialRecord]:
     experiment = Path(experiment)
     if not is_experiment(experiment):
         raise UserError(f"{experiment} is not a Ray Tune experiment folder (no experiment_state-*.json)")
-    analysis = ExperimentAnalysis(str(experiment), default_metric=METRIC, default_mode=MODE)
+    analysis = ExperimentAnalysis(str(experiment))
     return [_record(analysis, trial) for trial in analysis.trials]
 
 
 def _record(analysis: ExperimentAnalysis, trial) -> TrialRecord:
+    metric = trial.config.get("metric", "val_miou")
     result = trial.last_result or {}
     epochs = int(result.get("training_iteration", 0))
     max_epochs = int(trial.config.get("max_epochs", 0))
@@ -65,13 +76,14 @@ def _record(analysis: ExperimentAnalysis, trial) -> TrialRecord:
         status = "unfinished"
     else:
         status = "finished" if epochs >= max_epochs else "stopped early"
-    checkpoint = analysis.get_best_checkpoint(trial) if epochs else None
+    checkpoint = analysis.get_best_checkpoint(trial, metric, METRIC_MODES[metric]) if epochs else None
     return TrialRecord(
         trial_id=trial.trial_id, config=dict(trial.config), status=status,
         best_val_miou=float(result.get("best_val_miou", math.nan)), epochs=epochs,
         time_s=float(result.get("time_total_s", 0.0)),
         checkpoint=Path(checkpoint.path) if checkpoint is not None else None,
         error=_last_error_line(trial) if status == "errored" else "",
+        metric=metric, best=float(result.get(f"best_{metric}", math.nan)),
     )
 
 
@@ -85,25 +97,34 @@ def _last_error_line(trial) -> str:
 
 
 def ranked(trials: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials with a checkpoint, best val mIoU first."""
-    usable = [t for t in trials if t.checkpoint is not None and not math.isnan(t.best_val_miou)]
-    return sorted(usable, key=lambda t: t.best_val_miou, reverse=True)
+    """Trials with a checkpoint, best first by the experiment's metric."""
+    usable = [t for t in trials if t.checkpoint is not None and not math.isnan(t.best)]
+    return sorted(usable, key=TrialRecord.sort_key)
 
 
 def leaderboard_rows(trials: list[TrialRecord]) -> list[dict]:
-    """One row per trial, best first; trials that never reported last."""
-    order = sorted(trials, key=lambda t: math.inf if math.isnan(t.best_val_miou) else -t.best_val_miou)
+    """One row per trial, best first by the experiment's metric; trials that never reported last.
+    A metric other than val mIoU gets a column of its own after best_val_miou."""
     rows = []
-    for t in order:
+    for t in sorted(trials, key=TrialRecord.sort_key):
         c = {**trial_defaults(), **t.config}
         rows.append({
             "trial_id": t.trial_id, "decoder": c.get("decoder", ""), "backbone": c.get("backbone", ""),
-            "loss": c.get("loss", ""), "focal_gamma": _fmt(c["focal_gamma"]) if c["loss"] == "focal" else "",
+            "loss": loss_label(c["loss"]), "focal_gamma": _fmt(c["focal_gamma"]) if _uses_focal(c["loss"]) else "",
             "augmentation": c.get("augmentation", ""), "resize": c.get("resize", ""), "lr": _fmt(c.get("lr")),
-            "best_val_miou": "" if math.isnan(t.best_val_miou) else f"{t.best_val_miou:.4f}",
+            "best_val_miou": _score(t.best_val_miou),
+            **({f"best_{t.metric}": _score(t.best)} if t.metric != "val_miou" else {}),
             "epochs": t.epochs, "status": t.status, "time_s": f"{t.time_s:.1f}",
         })
     return rows
+
+
+def _uses_focal(loss) -> bool:
+    return "focal" in dict(parse_loss(loss))
+
+
+def _score(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.4f}"
 
 
 def _fmt(value) -> str:
@@ -114,14 +135,15 @@ def write_leaderboard(experiment: str | Path, rows: list[dict]) -> Path:
     path = Path(experiment) / LEADERBOARD_FILE
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LEADERBOARD_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else LEADERBOARD_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
     return path
 
 
-def format_table(rows: list[dict], columns: list[str] = LEADERBOARD_COLUMNS) -> str:
+def format_table(rows: list[dict]) -> str:
+    columns = list(rows[0]) if rows else LEADERBOARD_COLUMNS
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]

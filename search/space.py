@@ -16,7 +16,7 @@ A space file has three sections:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +26,8 @@ from data_pipeline.imbalance import CLASS_WEIGHT_MODES, SAMPLERS
 from data_pipeline.trial_data import SPLITS
 from errors import UserError
 from models.factory import check_backbone, check_decoder
-from models.losses import LOSS_PARAMS
+from models.losses import LOSS_PARAMS, LOSSES, parse_loss
+from models.metrics import METRIC_MODES
 from models.optim import TRAINING_PARAMS
 from yaml_file import load_yaml
 
@@ -85,8 +86,8 @@ TRIAL_PARAMS: dict[str, tuple[Callable[[Any], Any], Any]] = {
 
 @dataclass(frozen=True)
 class ExperimentSettings:
-    metric: str = "val_miou"
-    mode: str = "max"
+    metric: str = "val_miou"  # ranks trials, drives ASHA and TPE, picks each trial's checkpoint
+    mode: str = ""  # max or min; "" = the metric's own direction
     num_samples: int = 8
     max_epochs: int = 4
     grace_period: int = 1
@@ -117,7 +118,15 @@ class Param:
     when: tuple[tuple[str, tuple], ...] = ()  # (other param, allowed values) pairs, all must hold
 
     def active(self, chosen: dict) -> bool:
-        return all(chosen.get(name) in allowed for name, allowed in self.when)
+        return all(_parts(name, chosen.get(name)) & set(allowed) for name, allowed in self.when)
+
+
+def _parts(name: str, value) -> set:
+    """What a `when` condition on parameter `name` matches: a composite loss such as `focal+dice`
+    matches `when: {loss: focal}`; any other value only itself."""
+    if name == "loss" and value is not None:
+        return {value, *(term for term, _ in parse_loss(value))}
+    return {value}
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ def _parse(raw, source: str) -> SearchSpec:
     experiment = _parse_settings(raw.get("experiment") or {}, ExperimentSettings, "experiment")
     data = _parse_settings(raw.get("data") or {}, DataSettings, "data")
     _check_experiment(experiment)
+    experiment = replace(experiment, mode=METRIC_MODES[experiment.metric])
     class_map = _check_data(data, Path(source).parent)
     space = raw.get("space")
     if not isinstance(space, dict) or not space:
@@ -212,8 +222,11 @@ def _check_experiment(e: ExperimentSettings) -> None:
         raise UserError(f"experiment.grace_period ({e.grace_period}) exceeds max_epochs ({e.max_epochs})")
     if e.reduction_factor < 2:
         raise UserError(f"experiment.reduction_factor must be at least 2, got {e.reduction_factor}")
-    if e.mode not in ("max", "min"):
-        raise UserError(f"experiment.mode must be max or min, got {e.mode!r}")
+    if e.metric not in METRIC_MODES:
+        raise UserError(f"experiment.metric must be one of {', '.join(METRIC_MODES)}, got {e.metric!r}")
+    if e.mode and e.mode != METRIC_MODES[e.metric]:
+        raise UserError(f"experiment.mode: {e.metric} is {'maximised' if METRIC_MODES[e.metric] == 'max' else 'minimised'}"
+                        f", so mode must be {METRIC_MODES[e.metric]} (or left out), got {e.mode!r}")
     if e.gpus_per_trial < 0:
         raise UserError(f"experiment.gpus_per_trial must be >= 0, got {e.gpus_per_trial}")
 
@@ -245,8 +258,8 @@ def _check_folds(params: list[Param], d: DataSettings) -> None:
 def _parse_param(name: str, spec, earlier: set[str]) -> Param:
     key = f"space.{name}"
     check = TRIAL_PARAMS[name][0]
-    if not isinstance(spec, dict):
-        _checked(check, spec, key)
+    if not isinstance(spec, dict) or (name == "loss" and set(spec) <= set(LOSSES)):
+        _checked(check, spec, key)  # a plain value, or a weighted loss such as {ce: 0.5, dice: 0.5}
         return Param(name, "fixed", (spec,))
     when = _parse_when(spec.get("when"), earlier, key)
     kinds = [k for k in spec if k != "when"]

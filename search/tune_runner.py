@@ -63,7 +63,8 @@ def trial_constants(spec: SearchSpec, data_root: Path, skip=()) -> dict:
     """Settings every trial needs that are not searched: its data, how long to train."""
     data = data_spec(spec, data_root, skip).to_config()
     del data["fold"]  # a trial parameter (searchable), not a constant
-    return {**data, "max_epochs": spec.experiment.max_epochs, "seed": spec.experiment.seed}
+    e = spec.experiment
+    return {**data, "max_epochs": e.max_epochs, "seed": e.seed, "metric": e.metric, "mode": e.mode}
 
 
 def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, gpus: float,

@@ -10,7 +10,8 @@ from search.experiment import TrialRecord
 
 
 def _member(trial_id, class_names, val_images, backbone="resnet18", score=0.5, fold=0):
-    trial = TrialRecord(trial_id, {"backbone": backbone, "fold": fold}, "finished", score, 3, 1.0, Path("/ckpt") / trial_id)
+    trial = TrialRecord(trial_id, {"backbone": backbone, "fold": fold}, "finished", score, 3, 1.0, Path("/ckpt") / trial_id,
+                        best=score)
     meta = {"class_names": class_names, "val_images": val_images, "input_size": [64, 64]}
     return Member(trial, model=None, meta=meta)
 
@@ -41,3 +42,17 @@ def test_members_share_the_k_fold_fold_of_the_best_trial():
               for i, (f, s) in enumerate([(0, 0.3), (1, 0.6), (1, 0.5), (0, 0.7), (1, 0.2)])]
     _, chosen = choose_members(trials, topk=3, backbone=None)
     assert [t.trial_id for t in chosen] == ["t3", "t0"]  # fold 1's trials validated on images fold 0 trained on
+
+
+def test_trials_rank_by_the_experiment_metric_in_its_direction():
+    from search.experiment import leaderboard_rows
+
+    def trial(trial_id, loss):
+        return TrialRecord(trial_id, {"backbone": "r18"}, "finished", 0.5, 3, 1.0, Path("/ckpt") / trial_id,
+                           metric="val_loss", best=loss)
+
+    trials = [trial("a", 0.9), trial("b", 0.4), trial("c", float("nan"))]
+    _, chosen = choose_members(trials, topk=3, backbone=None)
+    assert [t.trial_id for t in chosen] == ["b", "a"]  # lower loss first; never-reported left out
+    rows = leaderboard_rows(trials)
+    assert [r["trial_id"] for r in rows] == ["b", "a", "c"] and rows[0]["best_val_loss"] == "0.4000"

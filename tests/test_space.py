@@ -64,7 +64,7 @@ def test_same_seed_gives_same_suggestions():
     ("space: {focal_gamma: {uniform: [0, 2], when: {loss: focal}}, loss: focal}", r"space.focal_gamma.when: 'loss' must be a parameter defined above"),
     ("space: {learning_rate: 0.1}", r"unknown key space.learning_rate"),
     ("space: {resize: 100}", r"space.resize: resize must be an integer multiple of 32"),
-    ("space: {loss: {choice: [ce, hinge]}}", r"space.loss.choice: unknown value 'hinge'"),
+    ("space: {loss: {choice: [ce, hinge]}}", r"space.loss.choice: unknown loss 'hinge' \(choose from ce, focal"),
     ("experiment: {max_epochs: 2, grace_period: 3}\nspace: {lr: 0.1}", r"grace_period \(3\) exceeds max_epochs \(2\)"),
     ("experiment: {num_samples: many}\nspace: {lr: 0.1}", r"experiment.num_samples: expected int, got 'many'"),
     ("experimnt: {}\nspace: {lr: 0.1}", r"unknown key experimnt \(did you mean 'experiment'\?\)"),
@@ -132,3 +132,28 @@ def test_a_bad_class_map_file_is_reported_with_its_path(tmp_path):
     (tmp_path / "classes.yaml").write_text("mapp: {}\n")
     with pytest.raises(UserError, match=r"space.yaml: .*classes.yaml: unknown key mapp \(did you mean 'map'\?\)"):
         load_space(_write(tmp_path, "data: {class_map: classes.yaml}\nspace:\n  lr: 0.001\n"))
+
+
+def test_the_ranking_metric_takes_its_own_direction(tmp_path):
+    spec = load_space(_write(tmp_path, "experiment: {metric: val_loss}\nspace:\n  lr: 0.001\n"))
+    assert spec.experiment.mode == "min"
+    assert load_space(_write(tmp_path, "space:\n  lr: 0.001\n")).experiment.mode == "max"
+    with pytest.raises(UserError, match="experiment.mode: val_loss is minimised, so mode must be min"):
+        load_space(_write(tmp_path, "experiment: {metric: val_loss, mode: max}\nspace:\n  lr: 0.001\n"))
+    with pytest.raises(UserError, match="experiment.metric must be one of val_miou, val_image_miou"):
+        load_space(_write(tmp_path, "experiment: {metric: miou}\nspace:\n  lr: 0.001\n"))
+
+
+def test_composite_losses_as_choices_or_a_fixed_mapping_and_when_matches_their_terms(tmp_path):
+    spec = load_space(_write(tmp_path, """
+space:
+  loss: {choice: [ce, focal+dice, 0.5*ce+0.5*dice]}
+  focal_gamma: {uniform: [0.5, 3.0], when: {loss: focal}}
+"""))
+    gamma = spec.params[1]
+    assert gamma.active({"loss": "focal+dice"}) and gamma.active({"loss": "focal"})
+    assert not gamma.active({"loss": "0.5*ce+0.5*dice"}) and not gamma.active({"loss": "ce"})
+    fixed = load_space(_write(tmp_path, "space:\n  loss: {ce: 0.5, dice: 0.5}\n")).params[0]
+    assert fixed.kind == "fixed" and fixed.values == ({"ce": 0.5, "dice": 0.5},)
+    with pytest.raises(UserError, match=r"space.loss.choice: unknown loss 'dcie' in 'ce\+dcie' \(did you mean 'dice'\?\)"):
+        load_space(_write(tmp_path, "space:\n  loss: {choice: [ce, ce+dcie]}\n"))
