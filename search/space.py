@@ -16,6 +16,7 @@ A space file has three sections:
 from __future__ import annotations
 
 import difflib
+import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from data_pipeline.classes import UNKNOWN_POLICIES, ClassMap, class_map_for
 from data_pipeline.imbalance import CLASS_WEIGHT_MODES, SAMPLERS
 from data_pipeline.trial_data import SPLITS
 from errors import UserError
-from models.factory import check_backbone, check_decoder
+from models.factory import check_backbone, check_decoder, check_pair, check_weights
 from models.losses import LOSS_PARAMS, LOSSES, parse_loss
 from models.metrics import METRIC_MODES
 from models.optim import TRAINING_PARAMS
@@ -186,6 +187,7 @@ def _parse(raw, source: str) -> SearchSpec:
     for name, spec in space.items():
         params.append(_parse_param(name, spec, {p.name for p in params}))
     _check_folds(params, data)
+    _check_models(params)
     return SearchSpec(source, experiment, data, tuple(params), class_map)
 
 
@@ -253,6 +255,27 @@ def _check_folds(params: list[Param], d: DataSettings) -> None:
     if max(fold.values) >= d.folds:
         raise UserError(f"space.fold: folds are numbered 0..{d.folds - 1} (data.folds: {d.folds}), "
                         f"got {max(fold.values)}")
+
+
+def _possible_values(params: list[Param], name: str) -> list:
+    """Every value a parameter can take (its default when the space leaves it out); ranges give
+    their bounds."""
+    param = next((p for p in params if p.name == name), None)
+    return list(param.values) if param else [TRIAL_PARAMS[name][1]]
+
+
+def _check_models(params: list[Param]) -> None:
+    """Every decoder x backbone pair the space can propose must be buildable at its smallest input
+    size (built on the meta device: no weights), and every weights name must exist for its backbone."""
+    size = min(_possible_values(params, "resize"))
+    backbones = _possible_values(params, "backbone")
+    try:
+        for decoder, backbone in itertools.product(_possible_values(params, "decoder"), backbones):
+            check_pair(decoder, backbone, size)
+        for backbone, weights in itertools.product(backbones, _possible_values(params, "encoder_weights")):
+            check_weights(backbone, weights)
+    except UserError as exc:
+        raise UserError(f"space: {exc}") from None
 
 
 def _parse_param(name: str, spec, earlier: set[str]) -> Param:

@@ -1,50 +1,13 @@
-"""Model factory, checkpoints and inference on real (tiny, random-init) smp models."""
+"""Checkpoints and inference on real (tiny, random-init) smp models (the factory: tests/test_factory.py)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from errors import UserError
 from models.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
-from models.factory import build_model, check_backbone, check_decoder
+from models.factory import build_model
 from models.inference import normalize, predict_batch, predict_probs
-
-from .conftest import ROOT
-
-
-@pytest.mark.parametrize("decoder", ["Unet", "FPN", "DeepLabV3Plus"])
-def test_decoders_build_and_train_a_step(decoder):
-    torch.manual_seed(0)
-    model = build_model(decoder, "resnet18", num_classes=5)
-    x = torch.randn(2, 3, 64, 64)
-    out = model(x)
-    assert out.shape == (2, 5, 64, 64)
-    out.mean().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-
-
-def test_unknown_names_suggest_close_ones():
-    assert check_decoder("deeplabv3plus") == "DeepLabV3Plus"
-    with pytest.raises(UserError, match="did you mean Unet"):
-        check_decoder("Unett")
-    with pytest.raises(UserError, match="did you mean resnet18"):
-        check_backbone("resnet-18")
-    assert check_backbone("tu-resnet18") == "tu-resnet18"
-
-
-def test_missing_pretrained_weights_are_a_clear_error_not_random_init(tmp_path):
-    # An empty cache and no network: the weights cannot be found, so building must fail. A fresh
-    # interpreter, because huggingface_hub reads HF_HUB_OFFLINE when it is imported.
-    code = ("from errors import UserError\nfrom models.factory import build_model\n"
-            "try:\n    build_model('Unet', 'resnet18', 3, encoder_weights='imagenet')\n"
-            "except UserError as exc:\n    print(exc)\nelse:\n    print('built')")
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert "cannot load 'imagenet' weights for backbone 'resnet18'" in result.stdout, result.stdout + result.stderr
-    assert "Hugging Face cache" in result.stdout
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):

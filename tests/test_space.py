@@ -157,3 +157,11 @@ space:
     assert fixed.kind == "fixed" and fixed.values == ({"ce": 0.5, "dice": 0.5},)
     with pytest.raises(UserError, match=r"space.loss.choice: unknown loss 'dcie' in 'ce\+dcie' \(did you mean 'dice'\?\)"):
         load_space(_write(tmp_path, "space:\n  loss: {choice: [ce, ce+dcie]}\n"))
+
+
+def test_decoder_backbone_pairs_and_weight_names_are_checked_before_any_trial(tmp_path):
+    with pytest.raises(UserError, match=r"space: smp cannot build DeepLabV3 with backbone inceptionresnetv2"):
+        load_space(_write(tmp_path, "space:\n  decoder: {choice: [Unet, DeepLabV3]}\n"
+                                    "  backbone: {choice: [resnet18, inceptionresnetv2]}\n"))
+    with pytest.raises(UserError, match=r"space: backbone resnet18 has no encoder_weights 'imagenet21k'"):
+        load_space(_write(tmp_path, "space:\n  backbone: resnet18\n  encoder_weights: imagenet21k\n"))
