@@ -8,11 +8,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tiny models on a shared 2-core machine: two OpenMP threads make their forward passes many times
+# slower than one. Trials started by the CLIs set their own thread counts.
+torch.set_num_threads(1)
 # Decoded-split cache of this test session (inherited by the CLIs and Ray workers the tests start).
 os.environ["SEGSEARCH_CACHE"] = tempfile.mkdtemp(prefix="segsearch-tests-")
 

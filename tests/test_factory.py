@@ -24,16 +24,6 @@ INPUT_SIZE_FOR = {"PAN": 128}
 SMP_RESNET18_REVISION = "3f2325ff978283d47aa6a1d6878ca20565622683"  # pinned in smp 0.6.0's resnet encoders
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads spin against other processes and make every
-    forward pass ~50x slower than one thread does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_registry_is_every_smp_architecture_under_its_smp_name():
     assert sorted(DECODERS.values()) == sorted(arch.__name__ for arch in smp.MODEL_ARCHITECTURES_MAPPING.values())
     assert set(BACKBONES) == set(smp.encoders.get_encoder_names())
