@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from errors import UserError
 from models.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from models.factory import build_model
 from models.inference import normalize, predict_batch, predict_probs
