@@ -1,6 +1,7 @@
 """Class probabilities at a target resolution: one code path for training, ensembles and tests."""
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Iterator
 
 import torch
@@ -29,9 +30,15 @@ def normalize(images: torch.Tensor, normalization: dict) -> torch.Tensor:
     a quarter of the bytes to move between loader workers and to the GPU, and no per-sample
     transposition (the result is channels-last in memory, which convolutions take as it is).
     """
-    mean = torch.tensor(normalization["mean"], device=images.device) * 255
-    std = torch.tensor(normalization["std"], device=images.device) * 255
+    mean, std = _pixel_statistics(tuple(normalization["mean"]), tuple(normalization["std"]), images.device)
     return ((images.float() - mean) / std).permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_statistics(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std in pixel units on device, made once: a tensor built from a list on a GPU is a
+    blocking host-to-device copy, which would stall every training step (bench/train_step.py)."""
+    return torch.tensor(mean, device=device) * 255, torch.tensor(std, device=device) * 255
 
 
 @torch.no_grad()

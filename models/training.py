@@ -3,35 +3,89 @@ benchmarks and tests call the same code."""
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .inference import normalize, predict_batch, to_labels
-from .metrics import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
+from .metrics import IGNORE_INDEX, confusion_matrix, image_mious, mean_iou, pixel_accuracy
 
 
-def train_epoch(model, loader, loss_fn, optimizer, device, normalization: dict) -> float:
-    """Trains over loader's uint8 batches once; returns the mean training loss per image."""
+def place_model(model: nn.Module, device, channels_last: bool = False) -> nn.Module:
+    """Moves model to device, its 4-D weights channels-last in memory when asked (faster convolutions
+    with cuDNN and oneDNN; train_epoch then hands the model channels-last input too)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device=device, memory_format=memory_format)
+
+
+def model_input(images: torch.Tensor, device, normalization: dict, channels_last: bool = False) -> torch.Tensor:
+    """A loader's uint8 [B, H, W, 3] batch → normalised float [B, 3, H, W] on device, in the model's
+    memory format (normalize yields channels-last strides already: a copy only for contiguous NCHW)."""
+    images = normalize(images.to(device, non_blocking=True), normalization)
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def train_epoch(model, loader, loss_fn, optimizer, device, normalization: dict, *, scheduler=None,
+                amp: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+                grad_clip: float | None = None, channels_last: bool = False) -> float:
+    """Trains over loader's uint8 batches once; returns the mean training loss per image.
+
+    scheduler: stepped after every optimiser step (models.optim.build_scheduler is per iteration).
+    amp: autocast dtype of the forward pass (None: full precision); the loss is taken in float32.
+    scaler: a GradScaler (fp16); grad_clip: max total gradient norm (None: no clipping), taken on
+    unscaled gradients. channels_last: the input's memory format (place_model puts the model's).
+    """
+    device = torch.device(device)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
     total, count = torch.zeros((), device=device), 0
     for images, masks in loader:
-        images = normalize(images.to(device, non_blocking=True), normalization)
-        loss = loss_fn(model(images), masks.to(device, non_blocking=True).long())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        images = model_input(images, device, normalization, channels_last)
+        optimizer.zero_grad(set_to_none=True)  # before the forward pass: old gradients freed first
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(images)
+        loss = loss_fn(logits.float(), masks.to(device, non_blocking=True).long())
+        scaler.scale(loss).backward()
+        _clip_gradients(model, optimizer, scaler, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.detach() * len(images)  # summed on the device: no GPU sync per step
         count += len(images)
     return total.item() / max(count, 1)
 
 
+def _clip_gradients(model, optimizer, scaler, max_norm: float | None) -> None:
+    if max_norm is None:
+        return
+    scaler.unscale_(optimizer)  # a no-op for a disabled scaler
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # no host sync (error_if_nonfinite off)
+
+
+def update_bn_statistics(model: nn.Module, loader, device, normalization: dict, *,
+                         amp: torch.dtype | None = None, channels_last: bool = False) -> None:
+    """Recomputes model's BatchNorm running statistics (a plain average over one pass) from loader's
+    uint8 batches: torch's swa_utils.update_bn, fed normalised model input."""
+    device = torch.device(device)
+    inputs = (model_input(images, device, normalization, channels_last) for images, _ in loader)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        torch.optim.swa_utils.update_bn(inputs, model)
+
+
 def evaluate(model, loader, num_classes: int, device, normalization: dict) -> dict:
-    """val_miou, val_pixel_acc and val_loss (NLL of the probabilities) over loader."""
+    """val_miou (dataset), val_image_miou (mean of per-image mIoU), val_pixel_acc and val_loss (NLL of
+    the probabilities) over loader."""
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     nll, count = torch.zeros((), device=device), 0
+    image_miou_sum, images_scored = torch.zeros((), dtype=torch.float64, device=device), 0
     for images, masks in loader:
         probs = predict_batch(model, images, device=device, normalization=normalization)
-        masks = masks.to(device).long()
-        conf += confusion_matrix(masks, to_labels(probs), num_classes)
+        masks, labels = masks.to(device).long(), to_labels(probs)
+        conf += confusion_matrix(masks, labels, num_classes)
+        per_image = image_mious(masks, labels, num_classes)
+        image_miou_sum += per_image.nansum()
+        images_scored += int((~per_image.isnan()).sum())
         nll += F.nll_loss(probs.clamp_min(1e-8).log(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
         count += int((masks != IGNORE_INDEX).sum())
-    return {"val_miou": mean_iou(conf), "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll.item() / max(count, 1)}
+    return {"val_miou": mean_iou(conf), "val_image_miou": image_miou_sum.item() / max(images_scored, 1),
+            "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll.item() / max(count, 1)}

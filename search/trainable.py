@@ -1,17 +1,30 @@
 """The Ray Tune trainable: one trial = build a model from its config, train it epoch by epoch,
 report val mIoU after each epoch (ASHA decides whether it goes on) and checkpoint the best weights.
 
-Defined at module level with a stable name: Tune pickles it by reference for restores.
+Defined at module level with a stable name: Tune pickles it by reference for restores. Only
+train_segmentation talks to Tune; build_trial / restore / run_epochs run without a Tune session
+(tests call them with their own report function).
+
+Training options (models.optim.TRAINING_PARAMS): optimizer, per-iteration lr schedule with warmup,
+gradient clipping, AMP, channels_last, and SWA: with swa_epochs = N, the weights after each of the
+last N epochs are averaged (torch.optim.swa_utils.AveragedModel, the trial's own lr schedule kept),
+BatchNorm statistics are recomputed for the average over the training loader, and those epochs
+evaluate and checkpoint the averaged model (a plain state_dict, like any other checkpoint).
 """
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn as nn
 from ray import tune
+from torch.optim.swa_utils import AveragedModel
 
 from data_pipeline.dataset import SegmentationDataset, make_loader
 from data_pipeline.imbalance import build_sampler, class_pixel_frequencies, class_weights
@@ -19,11 +32,67 @@ from data_pipeline.trial_data import DataSpec
 from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
 from models.factory import NORMALIZATION, build_model
 from models.losses import build_loss
-from models.training import evaluate, train_epoch
+from models.metrics import METRIC_MODES
+from models.optim import (build_optimizer, build_scaler, build_scheduler, resolve_amp, resolve_channels_last,
+                          setting)
+from models.training import evaluate, place_model, train_epoch, update_bn_statistics
 
 from .space import trial_defaults
 
 TRAIN_STATE_FILE = "train_state.pt"
+log = logging.getLogger(__name__)
+
+# report(metrics, checkpoint directory or None): what a trial hands over after each epoch.
+Report = Callable[[dict, "str | None"], None]
+
+
+@dataclass
+class Trial:
+    """Everything one trial trains, evaluates and checkpoints, and where it stands."""
+    cfg: dict
+    device: torch.device
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    num_classes: int
+    meta: dict  # model.json of its checkpoints, less epoch and metrics
+    amp: torch.dtype | None
+    channels_last: bool
+    swa: AveragedModel | None  # the weight average, when swa_epochs > 0
+    swa_epochs: int
+    epoch: int = 0  # epochs done
+    best: float = math.nan  # best value so far of the ranking metric (cfg["metric"])
+    best_val_miou: float = -math.inf  # reported too, whatever the ranking metric
+
+    @property
+    def metric(self) -> str:
+        return self.cfg.get("metric", "val_miou")
+
+    def improves(self, val: dict) -> bool:
+        value = val[self.metric]
+        if math.isnan(self.best):
+            return True
+        return value > self.best if METRIC_MODES[self.metric] == "max" else value < self.best
+
+    def swa_active(self, epoch: int) -> bool:
+        return self.swa is not None and epoch > self.cfg["max_epochs"] - self.swa_epochs
+
+
+def train_segmentation(config: dict) -> None:
+    trial = build_trial(config)
+    restored = tune.get_checkpoint()
+    if restored:
+        with restored.as_directory() as directory:
+            restore(trial, directory)
+    run_epochs(trial, _report_to_tune)
+
+
+def _report_to_tune(metrics: dict, directory: str | None) -> None:
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
 
 
 def _trial_cpus(config: dict) -> int:
@@ -44,12 +113,13 @@ def _loader_workers(cpus: int, device: torch.device) -> int:
     return max(0, cpus - 1) if device.type == "cuda" else 0
 
 
-def train_segmentation(config: dict) -> None:
+def build_trial(config: dict, device: torch.device | None = None) -> Trial:
+    """Data, model, loss, optimiser, schedule and training options of a trial config (defaults filled)."""
     cfg = {**trial_defaults(), **config}
     cpus = _trial_cpus(cfg)
     torch.set_num_threads(cpus)
     torch.manual_seed(cfg.get("seed", 0))
-    device = _device()
+    device = device or _device()
 
     resize = cfg["resize"]
     train_split, val_split = DataSpec.from_config(cfg).train_val(resize)
@@ -62,53 +132,93 @@ def train_segmentation(config: dict) -> None:
         shuffle=sampler is None, sampler=sampler, drop_last=len(train_split) > cfg["batch_size"], generator=generator)
     val_loader = make_loader(SegmentationDataset(val_split, "none", train=False), max(cfg["batch_size"], 16))
 
-    model = build_model(cfg["decoder"], cfg["backbone"], num_classes, cfg["encoder_weights"]).to(device)
+    amp, note = resolve_amp(cfg, device)
+    if note:
+        log.warning(note)  # once per trial, in its log
+    channels_last = resolve_channels_last(cfg, device)
+    model = place_model(build_model(cfg["decoder"], cfg["backbone"], num_classes, cfg["encoder_weights"]),
+                        device, channels_last)
     loss_fn = build_loss(cfg, _class_weights(cfg["class_weights"], train_split.masks, num_classes)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["max_epochs"])
+    optimizer = build_optimizer(model, cfg)
+    swa_epochs = min(setting(cfg, "swa_epochs"), cfg["max_epochs"])
     meta = {
         "decoder": cfg["decoder"], "backbone": cfg["backbone"], "encoder_weights": cfg["encoder_weights"],
         "num_classes": num_classes, "class_names": list(train_split.class_names),
         "input_size": [resize, resize], "normalization": NORMALIZATION,
         "val_images": list(val_split.file_names), "config": cfg,
     }
+    return Trial(cfg=cfg, device=device, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                 scheduler=build_scheduler(optimizer, cfg, len(train_loader)), scaler=build_scaler(amp, device),
+                 train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, meta=meta,
+                 amp=amp, channels_last=channels_last, swa=AveragedModel(model) if swa_epochs else None,
+                 swa_epochs=swa_epochs)
 
-    start_epoch, best = 0, -math.inf
-    restored = tune.get_checkpoint()
-    if restored:
-        with restored.as_directory() as directory:
-            start_epoch, best = _restore(directory, model, optimizer, scheduler, device)
 
-    for epoch in range(start_epoch + 1, cfg["max_epochs"] + 1):
+def run_epochs(trial: Trial, report: Report) -> None:
+    """Trains the remaining epochs; after each, report(metrics, checkpoint directory when the ranking
+    metric improved, else None). The directory exists only during the call."""
+    for epoch in range(trial.epoch + 1, trial.cfg["max_epochs"] + 1):
         started = time.perf_counter()
-        train_loss = train_epoch(model, train_loader, loss_fn, optimizer, device, NORMALIZATION)
-        scheduler.step()
-        val = evaluate(model, val_loader, num_classes, device, NORMALIZATION)
-        metrics = {**val, "train_loss": train_loss, "epoch": epoch,
-                   "epoch_time_s": time.perf_counter() - started}
-        if val["val_miou"] > best:
-            best = val["val_miou"]
-            metrics["best_val_miou"] = best
+        train_loss = train_epoch(trial.model, trial.train_loader, trial.loss_fn, trial.optimizer, trial.device,
+                                 NORMALIZATION, scheduler=trial.scheduler, amp=trial.amp, scaler=trial.scaler,
+                                 grad_clip=setting(trial.cfg, "grad_clip"), channels_last=trial.channels_last)
+        scored = _average_weights(trial) if trial.swa_active(epoch) else trial.model
+        val = evaluate(scored, trial.val_loader, trial.num_classes, trial.device, NORMALIZATION)
+        trial.epoch = epoch
+        metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": time.perf_counter() - started}
+        trial.best_val_miou = max(trial.best_val_miou, val["val_miou"])
+        improved = trial.improves(val)
+        if improved:
+            trial.best = val[trial.metric]
+        metrics.update({f"best_{trial.metric}": trial.best, "best_val_miou": trial.best_val_miou})
+        if improved:
             with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(directory, model, {**meta, "epoch": epoch, "metrics": val})
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                           Path(directory) / TRAIN_STATE_FILE)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+                save_trial_checkpoint(trial, scored, val, directory)
+                report(metrics, directory)
         else:
-            tune.report({**metrics, "best_val_miou": best})
+            report(metrics, None)
+
+
+def _average_weights(trial: Trial) -> nn.Module:
+    """Adds this epoch's weights to the average, recomputes its BatchNorm statistics; the averaged model."""
+    trial.swa.update_parameters(trial.model)
+    update_bn_statistics(trial.swa, trial.train_loader, trial.device, NORMALIZATION, amp=trial.amp,
+                         channels_last=trial.channels_last)
+    return trial.swa.module
+
+
+def save_trial_checkpoint(trial: Trial, scored: nn.Module, val: dict, directory: str | Path) -> None:
+    """model.pt: the weights that scored val (the averaged ones in SWA epochs, without AveragedModel's
+    `module.` prefix), model.json, and train_state.pt: what a restore needs to go on training."""
+    meta = {**trial.meta, "epoch": trial.epoch, "metrics": val, "best_val_miou": trial.best_val_miou}
+    state = {"optimizer": trial.optimizer.state_dict(), "scheduler": trial.scheduler.state_dict(),
+             "scaler": trial.scaler.state_dict()}
+    if scored is not trial.model:
+        meta["averaged_epochs"] = int(trial.swa.n_averaged)
+        state["model"], state["swa"] = trial.model.state_dict(), trial.swa.state_dict()
+    save_checkpoint(directory, scored, meta)
+    torch.save(state, Path(directory) / TRAIN_STATE_FILE)
+
+
+def restore(trial: Trial, directory: str | Path) -> None:
+    """Loads a checkpoint's weights and training state into trial: training goes on after its epoch,
+    with the same lr schedule position, loss scale and (in SWA epochs) weight average."""
+    meta = read_meta(directory)
+    state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location=trial.device, weights_only=True)
+    weights = state["model"] if "model" in state else \
+        torch.load(Path(directory) / WEIGHTS_FILE, map_location=trial.device, weights_only=True)
+    trial.model.load_state_dict(weights)
+    trial.optimizer.load_state_dict(state["optimizer"])
+    trial.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        trial.scaler.load_state_dict(state["scaler"])
+    if "swa" in state and trial.swa is not None:
+        trial.swa.load_state_dict(state["swa"])
+    trial.epoch, trial.best = meta["epoch"], meta["metrics"][trial.metric]
+    trial.best_val_miou = meta.get("best_val_miou", meta["metrics"]["val_miou"])
 
 
 def _class_weights(mode: str, masks, num_classes: int) -> torch.Tensor | None:
     if mode == "none":
         return None
     return torch.from_numpy(class_weights(class_pixel_frequencies(masks, num_classes), mode))
-
-
-def _restore(directory: str, model, optimizer, scheduler, device) -> tuple[int, float]:
-    """Loads weights and optimiser state of a checkpoint; returns (its epoch, its val mIoU)."""
-    meta = read_meta(directory)
-    model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location=device, weights_only=True))
-    state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return meta["epoch"], meta["metrics"]["val_miou"]

@@ -158,7 +158,7 @@ def test_when_every_trial_fails_launch_and_ensemble_say_so(sample_root, tmp_path
     result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root,
                      "--storage", tmp_path / "runs", "--name", "broken", env=empty_caches)
     assert result.returncode == 1 and "no trial reported a val mIoU" in result.stderr
-    assert "2 trial(s) errored" in result.stderr and "cannot load 'imagenet' weights" in result.stderr
+    assert "2 trial(s) errored" in result.stderr and "with encoder_weights 'imagenet' needs smp-hub/" in result.stderr
     assert {r["status"] for r in _leaderboard(tmp_path / "runs" / "broken")} == {"errored"}
     result = run_cli("ensemble_select.py", "--experiment", tmp_path / "runs" / "broken")
     assert result.returncode == 2 and "no trial with a checkpoint" in result.stderr

@@ -1,11 +1,21 @@
-"""The training and evaluation loops the trainable runs, on a cached split of the sample data."""
+"""The training and evaluation loops the trainable runs (gradient clipping, channels_last), and the trainable's
+epochs without Tune (SWA, checkpoints, restores), on a cached split of the sample data."""
+import itertools
+import logging
+
+import pytest
 import torch
+import torch.nn as nn
 
 from data_pipeline.cache import load_split
 from data_pipeline.dataset import SegmentationDataset, make_loader
+from data_pipeline.trial_data import DataSpec
+from models.checkpoint import load_checkpoint
 from models.factory import NORMALIZATION, build_model
+from models.inference import normalize
 from models.losses import build_loss
-from models.training import evaluate, train_epoch
+from models.training import evaluate, place_model, train_epoch
+from search.trainable import build_trial, restore, run_epochs, save_trial_checkpoint
 
 
 def test_training_lowers_the_loss_and_evaluation_reports_bounded_metrics(sample_root):
@@ -19,5 +29,162 @@ def test_training_lowers_the_loss_and_evaluation_reports_bounded_metrics(sample_
     losses = [train_epoch(model, loader, loss_fn, optimizer, "cpu", NORMALIZATION) for _ in range(6)]
     assert losses[-1] < 0.7 * losses[0], losses
     metrics = evaluate(model, loader, num_classes, "cpu", NORMALIZATION)
-    assert set(metrics) == {"val_miou", "val_pixel_acc", "val_loss"}
+    assert set(metrics) == {"val_miou", "val_image_miou", "val_pixel_acc", "val_loss"}
+    assert 0 < metrics["val_image_miou"] <= 1
     assert 0 < metrics["val_miou"] <= 1 and 0 < metrics["val_pixel_acc"] <= 1 and metrics["val_loss"] > 0
+
+
+# --- training options: gradient clipping, channels_last, SWA, restores (models.training, search.trainable) ---
+
+class _HugeLoss(nn.Module):
+    """Cross-entropy times a million: gradients far above any sensible clipping norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.ce = build_loss({"loss": "ce"})
+
+    def forward(self, logits, masks):
+        return self.ce(logits, masks) * 1e6
+
+
+def _val_loader(sample_root, batch_size=8):
+    split = load_split(sample_root, "val.json", 64)
+    return make_loader(SegmentationDataset(split, "none", train=False), batch_size), len(split.class_names)
+
+
+def _grad_norm(model) -> float:
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def test_grad_clipping_bounds_the_total_gradient_norm(sample_root):
+    loader, num_classes = _val_loader(sample_root)
+    norms = {}
+    for clip in (None, 1.0):
+        torch.manual_seed(0)
+        model = build_model("FPN", "resnet18", num_classes)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the gradients stay after the step
+        train_epoch(model, itertools.islice(loader, 1), _HugeLoss(), optimizer, "cpu", NORMALIZATION, grad_clip=clip)
+        norms[clip] = _grad_norm(model)
+    assert norms[None] > 1e4, norms
+    assert norms[1.0] == pytest.approx(1.0, rel=1e-3), norms
+
+
+def test_channels_last_training_keeps_the_format_and_matches_contiguous_training(sample_root):
+    loader, num_classes = _val_loader(sample_root, batch_size=4)
+    losses, models = {}, {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = place_model(build_model("FPN", "resnet18", num_classes), "cpu", channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[channels_last] = [train_epoch(model, loader, build_loss({"loss": "ce"}), optimizer, "cpu",
+                                             NORMALIZATION, channels_last=channels_last) for _ in range(2)]
+        models[channels_last] = model
+    convs = [m.weight for m in models[True].modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # still, after AdamW steps
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+SWA_CONFIG = {"max_epochs": 3, "seed": 0, "resize": 64, "decoder": "FPN", "backbone": "resnet18",
+              "augmentation": "none", "batch_size": 8, "schedule": "poly", "warmup_epochs": 1, "swa_epochs": 2}
+
+
+def _lr(trial) -> float:
+    return trial.optimizer.param_groups[0]["lr"]
+
+
+@pytest.fixture(scope="module")
+def swa_run(sample_root, tmp_path_factory):
+    """One 3-epoch trial with SWA over the last 2 epochs, run without Tune; after each epoch it records
+    the trained weights, the lr and (epoch 2) a checkpoint of the averaged model."""
+    work = tmp_path_factory.mktemp("swa")
+    config = {**DataSpec(root=str(sample_root)).to_config(), **SWA_CONFIG}
+    trial = build_trial(config)
+    record = {"params": {}, "lr": {}, "reported": []}
+
+    def report(metrics, directory):
+        epoch = metrics["epoch"]
+        record["reported"].append(metrics)
+        record["params"][epoch] = {n: p.detach().clone() for n, p in trial.model.named_parameters()}
+        record["lr"][epoch] = _lr(trial)
+        if epoch == 2:
+            record["swa_state"] = {k: v.clone() for k, v in trial.swa.module.state_dict().items()}
+            save_trial_checkpoint(trial, trial.swa.module, {"val_miou": metrics["val_miou"]}, work / "epoch2")
+
+    run_epochs(trial, report)
+    return config, trial, record, work
+
+
+def test_swa_weights_are_the_mean_of_the_last_epochs_weights(swa_run):
+    _, trial, record, _ = swa_run
+    assert int(trial.swa.n_averaged) == 2
+    averaged = dict(trial.swa.module.named_parameters())
+    for name, last in record["params"][3].items():
+        expected = (record["params"][2][name] + last) / 2
+        assert torch.allclose(averaged[name], expected, atol=1e-6), name
+    assert [m["epoch"] for m in record["reported"]] == [1, 2, 3]
+
+
+def test_swa_batchnorm_statistics_are_recomputed_for_the_averaged_weights(swa_run):
+    _, trial, _, _ = swa_run
+    first_bn = next(m for m in trial.swa.module.modules() if isinstance(m, nn.BatchNorm2d))
+    batch_means = []
+    hook = first_bn.register_forward_pre_hook(lambda _, args: batch_means.append(args[0].mean((0, 2, 3))))
+    try:
+        with torch.no_grad():
+            trial.swa.module.eval()
+            for images, _ in trial.train_loader:  # equal batches: the mean of batch means is order-free
+                trial.swa.module(normalize(images, NORMALIZATION))
+    finally:
+        hook.remove()
+    assert torch.allclose(first_bn.running_mean, torch.stack(batch_means).mean(0), atol=1e-5)
+    trained_bn = next(m for m in trial.model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert not torch.allclose(first_bn.running_mean, trained_bn.running_mean, atol=1e-3)
+
+
+def test_a_swa_checkpoint_is_a_plain_state_dict_for_a_fresh_model(swa_run):
+    _, _, record, work = swa_run
+    model, meta = load_checkpoint(work / "epoch2")  # strict load into build_model(...)
+    assert meta["averaged_epochs"] == 1 and meta["epoch"] == 2
+    state = model.state_dict()
+    assert state.keys() == record["swa_state"].keys()
+    assert all(torch.equal(state[k], v) for k, v in record["swa_state"].items())
+
+
+def test_a_restored_trial_continues_the_schedule_and_the_average(swa_run):
+    config, _, record, work = swa_run
+    trial = build_trial(config)
+    restore(trial, work / "epoch2")
+    assert trial.epoch == 2
+    assert _lr(trial) == pytest.approx(record["lr"][2])
+    trained = dict(trial.model.named_parameters())
+    assert all(torch.equal(trained[n], p) for n, p in record["params"][2].items())  # not the averaged ones
+    assert int(trial.swa.n_averaged) == 1
+    lrs = {}
+    run_epochs(trial, lambda metrics, _: lrs.setdefault(metrics["epoch"], _lr(trial)))
+    assert lrs == pytest.approx({3: record["lr"][3]})
+    assert int(trial.swa.n_averaged) == 2
+
+
+def test_a_cpu_trial_asked_for_amp_trains_in_float32_and_says_so(sample_root, caplog):
+    config = {**DataSpec(root=str(sample_root)).to_config(), **SWA_CONFIG, "amp": "fp16", "swa_epochs": 0}
+    with caplog.at_level(logging.WARNING, logger="search.trainable"):
+        trial = build_trial(config, device=torch.device("cpu"))
+    assert trial.amp is None and not trial.scaler.is_enabled() and trial.swa is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "amp: fp16 asked for, but there is no CUDA device; training in float32"]
+
+
+def test_a_trial_ranked_by_val_loss_checkpoints_when_the_loss_falls(sample_root):
+    from search.trainable import build_trial, run_epochs
+
+    config = {"data_root": str(sample_root), "train_ann": "val.json", "val_ann": "val.json", "resize": 64,
+              "batch_size": 4, "max_epochs": 3, "metric": "val_loss", "augmentation": "none", "lr": 3e-3}
+    trial = build_trial(config)
+    reports = []
+    run_epochs(trial, lambda metrics, directory: reports.append((metrics, directory is not None)))
+    losses = [m["val_loss"] for m, _ in reports]
+    best = [min(losses[:i + 1]) for i in range(len(losses))]
+    assert [m["best_val_loss"] for m, _ in reports] == best
+    assert [saved for _, saved in reports] == [True] + [losses[i] < best[i - 1] for i in range(1, len(losses))]
+    assert all(m["best_val_miou"] == max(r["val_miou"] for r, _ in reports[:i + 1]) for i, (m, _) in enumerate(reports))
