@@ -78,3 +78,21 @@ def test_ties_between_classes_do_not_change_the_path():
         members = [(torch.randint(0, 3, (6, 4, 10, 10), generator=g).float() / 2).half() for _ in range(4)]
         selection = greedy_selection(members, labels, 4, max_rounds=6, chunk=4)
         assert [s["member"] for s in selection.path] == _reference_greedy(members, labels, 4, 6)
+
+
+def test_greedy_reaches_the_best_small_integer_weighting_found_by_brute_force():
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 3, (4, 8, 8), generator=g)
+    left, right = _one_hot_probs(labels, 3, 0.2, 1), _one_hot_probs(labels, 3, 0.2, 2)
+    left[..., 4:] = torch.tensor([0.6, 0.4, 0.0])[None, :, None, None]  # unsure (and often wrong) on the right half
+    right[..., :4] = torch.tensor([0.0, 0.4, 0.6])[None, :, None, None]  # unsure on the left half
+    noisy = _one_hot_probs(labels, 3, 8.0, 4)  # weaker alone than either half-expert
+    members = [left, right, noisy]
+    rounds = 4
+    brute = max(ensemble_miou([(float(c), m) for c, m in zip(counts, members)], labels, 3)
+                for counts in itertools.product(range(rounds + 1), repeat=3) if 0 < sum(counts) <= rounds)
+    selection = greedy_selection(members, labels, 3, max_rounds=rounds)
+    assert selection.val_miou > max(selection.member_miou)
+    assert abs(selection.val_miou - brute) < 1e-12
