@@ -3,10 +3,15 @@
 
     python launch.py                                      # CPU demo on the built-in sample dataset
     python launch.py --space search_spaces/full.yaml --data /data/trash --gpus 4
+    python launch.py --resume --name NAME                 # continue an interrupted experiment
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,22 +21,51 @@ from errors import UserError, run_cli
 DEFAULT_SPACE = Path(__file__).resolve().parent / "search_spaces" / "quick.yaml"
 
 
+LAUNCH_FILE = "launch.json"  # what --resume needs, saved beside the experiment at start
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="search space YAML (default: %(default)s)")
+    parser.add_argument("--space", type=Path, default=None, help=f"search space YAML (default: {DEFAULT_SPACE})")
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset root with train.json/val.json/test.json (default: the built-in sample)")
-    parser.add_argument("--gpus", type=float, default=0, help="GPUs to use in all (0 = CPU only)")
+    parser.add_argument("--gpus", type=float, default=None, help="GPUs to use in all (default 0 = CPU only)")
     parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default: from the space)")
     parser.add_argument("--name", default=None, help="experiment name (default: search-<timestamp>)")
     parser.add_argument("--storage", type=Path, default=Path("runs"), help="where experiments live (default: runs)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="train without images that fail validation (listed in a warning) instead of stopping")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted experiment --name (space and data as it was started with)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the space and data, print the plan and exit without starting Ray")
+    parser.add_argument("--wandb", choices=("offline", "online"), default=None,
+                        help="wandb mode (default: online if WANDB_API_KEY is set, else offline)")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log trials to wandb")
+    parser.add_argument("--dashboard-host", default="127.0.0.1",
+                        help="address the Ray dashboard binds to (default: %(default)s, this machine only)")
+    parser.add_argument("--address", default=None,
+                        help="join an existing Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of starting one")
     args = parser.parse_args(argv)
-    if args.gpus < 0:
+    if args.gpus is not None and args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
     if args.num_samples is not None and args.num_samples < 1:
         parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.no_wandb and args.wandb:
+        parser.error("--no-wandb and --wandb contradict each other")
+    if args.resume:
+        if not args.name:
+            parser.error("--resume needs --name (the experiment to continue)")
+        given = [flag for flag, value in (("--space", args.space), ("--data", args.data), ("--gpus", args.gpus),
+                                          ("--num-samples", args.num_samples), ("--skip-bad", args.skip_bad),
+                                          ("--dry-run", args.dry_run)) if value not in (None, False)]
+        if given:
+            parser.error(f"--resume continues the experiment as it was started; leave out {', '.join(given)}")
+    if args.address and args.dashboard_host != "127.0.0.1":
+        parser.error("--dashboard-host applies to a Ray instance launch.py starts, not to one joined with --address")
+    args.space = args.space or DEFAULT_SPACE
+    args.gpus = args.gpus or 0
     return args
 
 
@@ -84,42 +118,137 @@ def _check_test_images(data_root: Path, test_ann: str, class_map) -> None:
                         f"every one): {summarise(report.problems())}")
 
 
+def _wandb_mode(args) -> str | None:
+    """None = wandb off; else the WANDB_MODE workers get (an explicit WANDB_MODE in the environment
+    is kept when --wandb is not given)."""
+    if args.no_wandb:
+        return None
+    if args.wandb:
+        return args.wandb
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+def _write_launch_file(experiment: Path, settings: dict) -> None:
+    experiment.mkdir(parents=True, exist_ok=True)
+    path = experiment / LAUNCH_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_launch_file(experiment: Path) -> dict:
+    from search.experiment import is_experiment
+
+    path = experiment / LAUNCH_FILE
+    if not experiment.is_dir():
+        raise UserError(f"--resume: experiment {experiment} does not exist")
+    if not path.is_file() or not is_experiment(experiment):
+        raise UserError(f"--resume: {experiment} is not an experiment started by launch.py "
+                        f"(no {LAUNCH_FILE} or no Ray Tune state)")
+    try:
+        settings = json.loads(path.read_text())
+        settings["experiment"], settings["data_root"], settings["gpus"]  # noqa: B018 (the keys resume needs)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume: {path} is unreadable or incomplete ({exc!r})") from None
+    return settings
+
+
+def _print_plan(spec, space: Path, data_root: Path, counts: str, num_classes: int, experiment: Path, args,
+                wandb_mode: str | None) -> None:
+    from search.space import describe
+    from search.tune_runner import concurrency, trial_resources
+
+    e = spec.experiment
+    res = trial_resources(e, args.gpus)
+    if args.address:
+        at_once = f"as the cluster at {args.address} allows (not known without joining it)"
+    else:
+        at_once = f"up to {concurrency(e, os.cpu_count() or 1, args.gpus)} at once ({os.cpu_count()} CPUs, {args.gpus:g} GPUs)"
+    rungs = [e.grace_period * e.reduction_factor ** k
+             for k in range(int(math.log(e.max_epochs / e.grace_period, e.reduction_factor) + 1e-9) + 1)]
+    print(f"Dry run: nothing started.\nData: {data_root} ({counts}, {num_classes} classes)\nSpace: {space}\n"
+          f"Experiment: {experiment}\n"
+          f"Trials: {args.num_samples or e.num_samples}, {at_once}; each {res['cpu']:g} CPUs, {res['gpu']:g} GPUs\n"
+          f"Epochs: up to {e.max_epochs}; ASHA grace_period {e.grace_period}, reduction_factor "
+          f"{e.reduction_factor} (rungs at epochs {', '.join(map(str, rungs))})\n"
+          f"Ranking: {e.metric} ({e.mode}); seed {e.seed}; max_failures {e.max_failures}\n"
+          f"wandb: {wandb_mode or 'off'}\nSearch space:")
+    for line in describe(spec):
+        print(f"  {line}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from search.space import load_space
-
-    spec = load_space(args.space)
-    _check_gpus(args.gpus)
-    if args.data is None:
-        from data_pipeline.sample_data import ensure_sample_dataset
-
-        print("Using the built-in sample dataset (generated on first use)...", flush=True)
-        data_root = ensure_sample_dataset()
-    else:
-        data_root = args.data.resolve()
-    skip, counts, num_classes = _validate_data(spec, data_root, args.skip_bad)
     storage = args.storage.resolve()
-    name = args.name or time.strftime("search-%Y%m%d-%H%M%S")
-    if (storage / name).exists():
-        raise UserError(f"experiment {storage / name} already exists; choose another --name")
+    wandb_mode = _wandb_mode(args)
+    if args.dashboard_host not in LOCAL_HOSTS:
+        print(f"warning: the Ray dashboard will listen on {args.dashboard_host}: the dashboard and its job API run "
+              f"code for anyone who reaches them (Ray's token in ~/.ray/auth_token is all that stands in the way)",
+              file=sys.stderr, flush=True)
+    if args.resume:
+        experiment = storage / args.name
+        settings = _read_launch_file(experiment)
+        from search.space import ExperimentSettings
+
+        e = ExperimentSettings(**settings["experiment"])
+        gpus, data_root = float(settings["gpus"]), Path(settings["data_root"])
+        if not data_root.is_dir():
+            raise UserError(f"--resume: the experiment's data root {data_root} does not exist any more")
+        if not args.address:
+            _check_gpus(gpus)
+        print(f"Resuming {experiment} (data {data_root}, space {settings.get('space', '?')})", flush=True)
+    else:
+        from search.space import load_space
+
+        spec = load_space(args.space)
+        e = spec.experiment
+        if not args.address:
+            _check_gpus(args.gpus)
+        if args.data is None:
+            from data_pipeline.sample_data import ensure_sample_dataset
+
+            print("Using the built-in sample dataset (generated on first use)...", flush=True)
+            data_root = ensure_sample_dataset()
+        else:
+            data_root = args.data.resolve()
+        skip, counts, num_classes = _validate_data(spec, data_root, args.skip_bad)
+        name = args.name or time.strftime("search-%Y%m%d-%H%M%S")
+        experiment = storage / name
+        if experiment.exists():
+            raise UserError(f"experiment {experiment} already exists; choose another --name (or --resume it)")
+        if args.dry_run:
+            _print_plan(spec, args.space, data_root, counts, num_classes, experiment, args, wandb_mode)
+            return 0
+        gpus = args.gpus
+        print(f"Data: {data_root} ({counts}, {num_classes} classes)\nSpace: {args.space}\n"
+              f"Experiment: {experiment}", flush=True)
 
     from search.experiment import format_table, leaderboard_rows, read_trials, write_leaderboard
-    from search.tune_runner import run_search, start_ray
+    from search.tune_runner import resume_search, run_search, start_ray, trial_resources
 
-    print(f"Data: {data_root} ({counts}, {num_classes} classes)\nSpace: {args.space}\n"
-          f"Experiment: {storage / name}", flush=True)
-    dashboard = start_ray(args.gpus)
+    if wandb_mode:
+        os.environ["WANDB_MODE"] = wandb_mode  # before Ray starts: the workers inherit it
+    dashboard = start_ray(gpus, dashboard_host=args.dashboard_host, address=args.address)
     if dashboard:
-        print(f"Ray dashboard: http://{dashboard} (local only; Ray's token is in ~/.ray/auth_token)", flush=True)
-    experiment = run_search(spec, data_root, storage=storage, name=name, gpus=args.gpus,
-                            num_samples=args.num_samples, skip=skip)
+        where = "local only" if args.dashboard_host in LOCAL_HOSTS and not args.address else "reachable from the network"
+        print(f"Ray dashboard: http://{dashboard} ({where}; Ray's token is in ~/.ray/auth_token)", flush=True)
+    if args.resume:
+        resume_search(experiment, trial_resources(e, gpus))
+    else:
+        _write_launch_file(experiment, {
+            "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(data_root),
+            "skip": sorted(skip), "gpus": gpus, "num_samples": args.num_samples or e.num_samples,
+        })
+        run_search(spec, data_root, storage=storage, name=experiment.name, gpus=gpus,
+                   num_samples=args.num_samples, skip=skip, wandb=wandb_mode is not None)
     trials = read_trials(experiment)
     rows = leaderboard_rows(trials)
     path = write_leaderboard(experiment, rows)
     print(f"\nLeaderboard ({path}):\n{format_table(rows)}")
     errored = [t for t in trials if t.status == "errored"]
     if errored:
-        print(f"{len(errored)} trial(s) errored; trial {errored[0].trial_id}: {errored[0].error}", file=sys.stderr)
+        print(f"{len(errored)} trial(s) errored (each tried {e.max_failures + 1} time(s)); "
+              f"trial {errored[0].trial_id}: {errored[0].error}", file=sys.stderr)
     if not any(r["best_val_miou"] for r in rows):
         print("error: no trial reported a val mIoU; see the errors above", file=sys.stderr)
         return 1

@@ -2,7 +2,8 @@
 
 A space file has three sections:
 
-    experiment: {num_samples, max_epochs, grace_period, reduction_factor, seed, cpus_per_trial, gpus_per_trial}
+    experiment: {num_samples, max_epochs, grace_period, reduction_factor, seed, cpus_per_trial, gpus_per_trial,
+                 max_failures}
     data:       train, val, test: annotation files relative to the data root
                 split: given (train/val files) | kfold (fold `fold` of `folds` over train_all, split_seed)
                 class_map: a class-map YAML (relative to this file), unknown: keep | background | ignore
@@ -94,8 +95,9 @@ class ExperimentSettings:
     grace_period: int = 1
     reduction_factor: int = 2
     seed: int = 0
-    cpus_per_trial: float = 1
-    gpus_per_trial: float = 1  # used only when GPUs are given to the search
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 1.0  # used only when GPUs are given to the search
+    max_failures: int = 1  # retries of a trial that raises before it is recorded as errored
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,8 @@ def _check_experiment(e: ExperimentSettings) -> None:
                         f", so mode must be {METRIC_MODES[e.metric]} (or left out), got {e.mode!r}")
     if e.gpus_per_trial < 0:
         raise UserError(f"experiment.gpus_per_trial must be >= 0, got {e.gpus_per_trial}")
+    if e.max_failures < 0:
+        raise UserError(f"experiment.max_failures must be >= 0, got {e.max_failures}")
 
 
 def _check_data(d: DataSettings, space_dir: Path) -> ClassMap | None:

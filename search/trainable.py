@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import ray
 import torch.nn as nn
 from ray import tune
 from torch.optim.swa_utils import AveragedModel
@@ -166,6 +167,7 @@ def run_epochs(trial: Trial, report: Report) -> None:
         val = evaluate(scored, trial.val_loader, trial.num_classes, trial.device, NORMALIZATION)
         trial.epoch = epoch
         metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": time.perf_counter() - started}
+        metrics["gpu_ids"] = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []  # given by Ray
         trial.best_val_miou = max(trial.best_val_miou, val["val_miou"])
         improved = trial.improves(val)
         if improved:

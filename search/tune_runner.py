@@ -13,6 +13,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from data_pipeline.trial_data import DataSpec
+from errors import UserError
 
 from .space import SearchSpec, SpaceSampler
 from .trainable import train_segmentation
@@ -21,19 +22,48 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_HOST, DASHBOARD_PORT = "127.0.0.1", 8265
 
 
-def start_ray(gpus: float, cpus: int | None = None) -> str | None:
-    """Starts a local Ray instance (dashboard on 127.0.0.1 only); returns the dashboard URL.
+def start_ray(gpus: float, cpus: int | None = None, *, dashboard_host: str = DASHBOARD_HOST,
+              address: str | None = None) -> str | None:
+    """Starts a local Ray instance (dashboard on dashboard_host, 127.0.0.1 unless asked otherwise), or
+    joins the cluster at address (auto, HOST:PORT or ray://...); returns the dashboard URL.
 
-    Workers inherit this environment at start, so the project's import path and wandb's offline
-    mode are set before ray.init.
+    Workers inherit this environment at start, so the project's import path and wandb's mode are set
+    before ray.init (and passed as the job's runtime environment when joining a cluster).
     """
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address:
+        _check_address(address)
+        env = {k: os.environ[k] for k in ("PYTHONPATH", "WANDB_MODE", "WANDB_API_KEY") if k in os.environ}
+        try:
+            context = ray.init(address=address, runtime_env={"env_vars": env}, configure_logging=True,
+                               logging_level="WARNING", log_to_driver=True)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UserError(f"--address {address}: cannot join the Ray cluster: {exc}") from None
+        available = ray.cluster_resources().get("GPU", 0)
+        if gpus > available:
+            ray.shutdown()
+            raise UserError(f"--gpus {gpus:g} asks for more GPUs than the cluster at {address} has ({available:g})")
+        return getattr(context, "dashboard_url", None)
     context = ray.init(num_cpus=cpus or os.cpu_count(), num_gpus=gpus, include_dashboard=True,
-                       dashboard_host=DASHBOARD_HOST, dashboard_port=_free_port(DASHBOARD_HOST, DASHBOARD_PORT),
+                       dashboard_host=dashboard_host, dashboard_port=_free_port(dashboard_host, DASHBOARD_PORT),
                        configure_logging=True, logging_level="WARNING", log_to_driver=True)
     return getattr(context, "dashboard_url", None)
+
+
+def _check_address(address: str) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) with nothing behind it is an error now: ray.init would retry
+    for minutes."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: nothing answers there ({exc.strerror or exc})") from None
 
 
 def _free_port(host: str, preferred: int) -> int:
@@ -67,31 +97,65 @@ def trial_constants(spec: SearchSpec, data_root: Path, skip=()) -> dict:
     return {**data, "max_epochs": e.max_epochs, "seed": e.seed, "metric": e.metric, "mode": e.mode}
 
 
+def concurrency(e, cpus: float, gpus: float) -> int:
+    """Trials that run at once with cpus and gpus in all (e: the space's ExperimentSettings)."""
+    slots = cpus / e.cpus_per_trial
+    if gpus > 0 and e.gpus_per_trial:
+        slots = min(slots, gpus / e.gpus_per_trial)
+    return max(1, math.floor(slots))
+
+
+def trial_resources(e, gpus: float) -> dict:
+    return {"cpu": e.cpus_per_trial, "gpu": e.gpus_per_trial if gpus > 0 else 0}
+
+
+def wandb_callbacks(experiment: Path, enabled: bool) -> list:
+    """One wandb run per trial (config and every epoch's metrics), written under the experiment folder.
+    Offline or online as WANDB_MODE says (set before Ray starts)."""
+    if not enabled:
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    experiment.mkdir(parents=True, exist_ok=True)
+    return [WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "segsearch"), group=experiment.name,
+                                dir=str(experiment))]
+
+
 def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, gpus: float,
-               num_samples: int | None = None, skip=()) -> Path:
+               num_samples: int | None = None, skip=(), wandb: bool = False) -> Path:
     """Runs the search to completion in the running Ray instance; returns the experiment folder."""
     e = spec.experiment
-    gpus_per_trial = e.gpus_per_trial if gpus > 0 else 0
     resources = ray.cluster_resources()
-    slots = resources.get("CPU", 1) / e.cpus_per_trial
-    if gpus_per_trial:
-        slots = min(slots, resources.get("GPU", 0) / gpus_per_trial)
+    max_concurrent = concurrency(e, resources.get("CPU", 1), resources.get("GPU", 0) if gpus > 0 else 0)
     searcher = OptunaSearch(space=SpaceSampler(spec.params, trial_constants(spec, data_root, skip)),
                             metric=e.metric, mode=e.mode, seed=e.seed)
     tuner = tune.Tuner(
-        tune.with_resources(train_segmentation, {"cpu": e.cpus_per_trial, "gpu": gpus_per_trial}),
+        tune.with_resources(train_segmentation, trial_resources(e, gpus)),
         tune_config=tune.TuneConfig(
             metric=e.metric, mode=e.mode, num_samples=num_samples or e.num_samples, reuse_actors=True,
             trial_dirname_creator=trial_dirname,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=max(1, math.floor(slots))),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=e.max_epochs,
                                     grace_period=e.grace_period, reduction_factor=e.reduction_factor),
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=e.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=e.metric,
                                                     checkpoint_score_order=e.mode),
+            callbacks=wandb_callbacks(storage / name, wandb),
         ),
     )
     tuner.fit()
     return storage / name
+
+
+def resume_search(experiment: Path, resources: dict) -> Path:
+    """Continues an interrupted experiment: finished trials are kept, unfinished ones go on from their
+    last checkpoint, errored ones stay errored, the Optuna searcher and num_samples come from its state."""
+    if not tune.Tuner.can_restore(str(experiment)):
+        raise UserError(f"{experiment} has no Ray Tune state to resume from")
+    tuner = tune.Tuner.restore(str(experiment), tune.with_resources(train_segmentation, resources),
+                               resume_unfinished=True, restart_errored=False)
+    tuner.fit()
+    return experiment
