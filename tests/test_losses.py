@@ -63,42 +63,37 @@ def _sigmoid_focal_by_hand(logits, target, gamma, weights=None, alpha=None):
     return _weighted_mean(per_class, weights)
 
 
-def _tversky_by_hand(logits, target, alpha, beta, weights=None):
-    """1 - TP / (TP + alpha FP + beta FN) per class from the softmax over valid pixels (0 for a class
-    absent from the target), then the (weighted) mean over classes. alpha = beta = 0.5 is dice,
-    alpha = beta = 1 is jaccard."""
+def _soft_overlap_by_hand(logits, target, score, weights=None):
+    """1 - score(p, y) per class, p the softmax of the valid pixels and y their one-hot truth (0 for a
+    class absent from the target), then the (weighted) mean over classes."""
     valid = target != IGNORE_INDEX
     probs = logits.softmax(1)
     per_class = []
     for c in range(logits.shape[1]):
         p, y = probs[:, c][valid], (target[valid] == c).float()
-        tp, fp, fn = (p * y).sum(), (p * (1 - y)).sum(), ((1 - p) * y).sum()
-        per_class.append((1 - tp / (tp + alpha * fp + beta * fn)) * (y.sum() > 0))
+        per_class.append((1 - score(p, y)) * (y.sum() > 0))
     return _weighted_mean(per_class, weights)
+
+
+def _tversky_by_hand(logits, target, alpha, beta, weights=None):
+    """TP / (TP + alpha FP + beta FN); alpha = beta = 0.5 is dice, alpha = beta = 1 is jaccard."""
+    def tversky(p, y):
+        tp, fp, fn = (p * y).sum(), (p * (1 - y)).sum(), ((1 - p) * y).sum()
+        return tp / (tp + alpha * fp + beta * fn)
+    return _soft_overlap_by_hand(logits, target, tversky, weights)
 
 
 def _dice_by_hand(logits, target, weights=None):
     """Soft dice 2|P∩Y| / (|P| + |Y|), written independently of the Tversky form."""
-    valid = target != IGNORE_INDEX
-    probs = logits.softmax(1)
-    per_class = []
-    for c in range(logits.shape[1]):
-        p, y = probs[:, c][valid], (target[valid] == c).float()
-        dice = 2 * (p * y).sum() / (p.sum() + y.sum())
-        per_class.append((1 - dice) * (y.sum() > 0))
-    return _weighted_mean(per_class, weights)
+    return _soft_overlap_by_hand(logits, target, lambda p, y: 2 * (p * y).sum() / (p.sum() + y.sum()), weights)
 
 
 def _jaccard_by_hand(logits, target, weights=None):
     """Soft IoU |P∩Y| / (|P| + |Y| - |P∩Y|)."""
-    valid = target != IGNORE_INDEX
-    probs = logits.softmax(1)
-    per_class = []
-    for c in range(logits.shape[1]):
-        p, y = probs[:, c][valid], (target[valid] == c).float()
+    def iou(p, y):
         intersection = (p * y).sum()
-        per_class.append((1 - intersection / (p.sum() + y.sum() - intersection)) * (y.sum() > 0))
-    return _weighted_mean(per_class, weights)
+        return intersection / (p.sum() + y.sum() - intersection)
+    return _soft_overlap_by_hand(logits, target, iou, weights)
 
 
 def _jaccard_loss_of_set(foreground: set, wrong: set) -> float:
