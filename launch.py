@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from atomic_file import write_atomically
 from errors import UserError, run_cli
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "search_spaces" / "quick.yaml"
@@ -128,14 +129,6 @@ def _wandb_mode(args) -> str | None:
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
-def _write_launch_file(experiment: Path, settings: dict) -> None:
-    experiment.mkdir(parents=True, exist_ok=True)
-    path = experiment / LAUNCH_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
-
-
 def _read_launch_file(experiment: Path) -> dict:
     from search.experiment import is_experiment
 
@@ -235,10 +228,10 @@ def main(argv=None) -> int:
     if args.resume:
         resume_search(experiment, trial_resources(e, gpus))
     else:
-        _write_launch_file(experiment, {
+        write_atomically(experiment / LAUNCH_FILE, json.dumps({
             "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(data_root),
             "skip": sorted(skip), "gpus": gpus, "num_samples": args.num_samples or e.num_samples,
-        })
+        }, indent=2))
         run_search(spec, data_root, storage=storage, name=experiment.name, gpus=gpus,
                    num_samples=args.num_samples, skip=skip, wandb=wandb_mode is not None)
     trials = read_trials(experiment)

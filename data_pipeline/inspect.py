@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from atomic_file import write_atomically
 from errors import UserError, run_cli
 
 from .classes import IGNORE, ClassMap
@@ -191,17 +191,6 @@ def grid_image(tiles: list[np.ndarray], legend_panel: np.ndarray) -> np.ndarray:
         canvas[top: top + TILE, left: left + TILE] = tile
     canvas[: legend_panel.shape[0], columns * TILE:] = legend_panel
     return canvas
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Writes a temp file beside path and renames it into place: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """The competition submission: CSV `image_id,PredictionString`, one row per test image."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from atomic_file import atomic_path
 
 HEADER = "image_id,PredictionString\n"
 
@@ -41,21 +42,14 @@ def write_submission(path: str | Path, rows: Iterable[tuple[str, np.ndarray]]) -
 
     Each label map is flattened row-major into space-separated integers.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    try:
-        with open(tmp, "wb") as out:
-            out.write(HEADER.encode())
-            for file_name, labels in rows:
-                if "," in file_name or "\n" in file_name:
-                    raise ValueError(f"image file_name {file_name!r} cannot be written to a CSV cell")
-                out.write(file_name.encode() + b"," + format_labels(labels) + b"\n")
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(HEADER.encode())
+        for file_name, labels in rows:
+            if "," in file_name or "\n" in file_name:
+                raise ValueError(f"image file_name {file_name!r} cannot be written to a CSV cell")
+            out.write(file_name.encode() + b"," + format_labels(labels) + b"\n")
+            count += 1
     return count
 
 

@@ -7,11 +7,12 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from atomic_file import atomic_path, write_atomically
 
 from .factory import build_model
 
@@ -19,18 +20,13 @@ WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(directory / WEIGHTS_FILE, lambda p: torch.save(state, p))
-    _atomic_write_bytes(directory / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        torch.save(state, tmp)
+    write_atomically(directory / META_FILE, json.dumps(meta, indent=2))
 
 
 def read_meta(directory: str | Path) -> dict:

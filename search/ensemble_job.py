@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atomic_file import atomic_path, write_atomically
 from data_pipeline.dataset import SegmentationDataset, Split, make_loader
 from data_pipeline.submission import write_submission
 from data_pipeline.trial_data import DataSpec
@@ -78,10 +78,8 @@ def cached_val_probabilities(member: Member, data: DataSpec, size: int, device, 
     if path.is_file():
         return torch.from_numpy(np.load(path, mmap_mode="c")), True
     probs = val_probabilities(member, data, size, device, tta)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, probs.numpy())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, probs.numpy())
     return probs, False
 
 
@@ -150,7 +148,7 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
                     for m, w, v in zip(members, selection.weights, selection.member_miou)],
         "submission": str(out), "test_images": rows, "seconds": round(time.perf_counter() - started, 1),
     }
-    _write_json(out.with_name("ensemble.json"), summary)
+    write_atomically(out.with_name("ensemble.json"), json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -196,11 +194,5 @@ def _predict_test(members: list[Member], weights: list[float], data: DataSpec, s
 
 def _nan_to_none(values: np.ndarray) -> list:
     return [None if np.isnan(v) else float(v) for v in values]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune import ExperimentAnalysis
 
+from atomic_file import atomic_path
 from errors import UserError
 
 from models.losses import loss_label, parse_loss
@@ -133,12 +133,10 @@ def _fmt(value) -> str:
 
 def write_leaderboard(experiment: str | Path, rows: list[dict]) -> Path:
     path = Path(experiment) / LEADERBOARD_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else LEADERBOARD_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 
