@@ -81,7 +81,6 @@ def _check_gpus(requested: float) -> None:
 def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], str, int]:
     """Checks the annotation files the search trains and validates on, and every image they list,
     before Ray starts. Returns (file_names to leave out, image counts, number of classes)."""
-    from data_pipeline.coco import CocoSegmentation
     from data_pipeline.validate import check_usable, format_warning, validate_dataset
 
     if not data_root.is_dir():
@@ -96,7 +95,7 @@ def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], st
             print(format_warning(report), file=sys.stderr, flush=True)
         skip += bad
         counts.append(f"{report.num_images - len(bad)} {role}")
-        classes[ann] = CocoSegmentation(data_root, ann, class_map=spec.class_map).class_names
+        classes[ann] = report.class_names
     _check_test_images(data_root, d.test, spec.class_map)
     (first, first_names), *others = classes.items()
     for ann, names in others:

@@ -33,6 +33,7 @@ class ValidationReport:
     ann_file: str
     num_images: int = 0
     num_annotations: int = 0
+    class_names: list[str] = field(default_factory=list)  # after the class map; empty if the file is unusable
     fatal: list[str] = field(default_factory=list)
     bad_images: dict[str, str] = field(default_factory=dict)  # file_name -> "image id N: reason[; reason]"
 
@@ -58,7 +59,7 @@ def validate_dataset(root: str | Path, ann_file: str | Path, class_map=None,
     report = ValidationReport(str(ann_file))
     try:
         coco = CocoSegmentation(root, ann_file, class_map=class_map)
-        coco.classes  # noqa: B018 -- resolved lazily; a class map or repeated names may refuse the file
+        report.class_names = list(coco.class_names)  # resolved lazily: a class map or repeated names may refuse the file
     except AnnotationFileError as exc:
         report.fatal = list(exc.problems)
         return report
