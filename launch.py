@@ -128,6 +128,18 @@ def _wandb_mode(args) -> str | None:
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
+def _wandb_mode_on_resume(args, wandb_mode: str | None, settings: dict) -> str | None:
+    """The wandb logger is part of the saved experiment: resume keeps it unless --no-wandb switches it
+    to wandb's disabled mode; it cannot be added to an experiment started without it."""
+    if args.no_wandb:
+        return "disabled"
+    if not settings.get("wandb", True):
+        if args.wandb:
+            raise UserError(f"--resume: {args.name} was started with --no-wandb; wandb logging cannot be added now")
+        return None
+    return wandb_mode
+
+
 def _read_launch_file(experiment: Path) -> dict:
     from search.experiment import is_experiment
 
@@ -158,11 +170,12 @@ def _print_plan(spec, space: Path, data_root: Path, counts: str, num_classes: in
         at_once = f"up to {concurrency(e, os.cpu_count() or 1, args.gpus)} at once ({os.cpu_count()} CPUs, {args.gpus:g} GPUs)"
     rungs = [e.grace_period * e.reduction_factor ** k
              for k in range(int(math.log(e.max_epochs / e.grace_period, e.reduction_factor) + 1e-9) + 1)]
+    stopping = (f"ASHA grace_period {e.grace_period}, reduction_factor {e.reduction_factor} "
+                f"(rungs at epochs {', '.join(map(str, rungs))})" if e.scheduler == "asha" else "FIFO (no early stopping)")
     print(f"Dry run: nothing started.\nData: {data_root} ({counts}, {num_classes} classes)\nSpace: {space}\n"
           f"Experiment: {experiment}\n"
           f"Trials: {args.num_samples or e.num_samples}, {at_once}; each {res['cpu']:g} CPUs, {res['gpu']:g} GPUs\n"
-          f"Epochs: up to {e.max_epochs}; ASHA grace_period {e.grace_period}, reduction_factor "
-          f"{e.reduction_factor} (rungs at epochs {', '.join(map(str, rungs))})\n"
+          f"Epochs: up to {e.max_epochs}; {stopping}\n"
           f"Ranking: {e.metric} ({e.mode}); seed {e.seed}; max_failures {e.max_failures}\n"
           f"wandb: {wandb_mode or 'off'}\nSearch space:")
     for line in describe(spec):
@@ -175,7 +188,7 @@ def main(argv=None) -> int:
     wandb_mode = _wandb_mode(args)
     if args.dashboard_host not in LOCAL_HOSTS:
         print(f"warning: the Ray dashboard will listen on {args.dashboard_host}: the dashboard and its job API run "
-              f"code for anyone who reaches them (Ray's token in ~/.ray/auth_token is all that stands in the way)",
+              f"code for anyone who reaches them (Ray's token is all that stands in the way)",
               file=sys.stderr, flush=True)
     if args.resume:
         experiment = storage / args.name
@@ -188,6 +201,7 @@ def main(argv=None) -> int:
             raise UserError(f"--resume: the experiment's data root {data_root} does not exist any more")
         if not args.address:
             _check_gpus(gpus)
+        wandb_mode = _wandb_mode_on_resume(args, wandb_mode, settings)
         print(f"Resuming {experiment} (data {data_root}, space {settings.get('space', '?')})", flush=True)
     else:
         from search.space import load_space
@@ -215,28 +229,31 @@ def main(argv=None) -> int:
         print(f"Data: {data_root} ({counts}, {num_classes} classes)\nSpace: {args.space}\n"
               f"Experiment: {experiment}", flush=True)
 
-    from search.experiment import format_table, leaderboard_rows, read_trials, write_leaderboard
-    from search.tune_runner import resume_search, run_search, start_ray, trial_resources
+    from search.experiment import best_trial_summary, format_table, leaderboard_rows, read_trials, write_leaderboard
+    from search.tune_runner import auth_token_path, resume_search, run_search, start_ray, trial_resources
 
     if wandb_mode:
         os.environ["WANDB_MODE"] = wandb_mode  # before Ray starts: the workers inherit it
     dashboard = start_ray(gpus, dashboard_host=args.dashboard_host, address=args.address)
     if dashboard:
         where = "local only" if args.dashboard_host in LOCAL_HOSTS and not args.address else "reachable from the network"
-        print(f"Ray dashboard: http://{dashboard} ({where}; Ray's token is in ~/.ray/auth_token)", flush=True)
+        print(f"Ray dashboard: http://{dashboard} ({where}; it asks for Ray's token: "
+              f"`ray get-auth-token` prints it, from {auth_token_path()}; API clients send `Authorization: Bearer "
+              f"<token>`)", flush=True)
     if args.resume:
         resume_search(experiment, trial_resources(e, gpus))
     else:
         write_atomically(experiment / LAUNCH_FILE, json.dumps({
             "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(data_root),
             "skip": sorted(skip), "gpus": gpus, "num_samples": args.num_samples or e.num_samples,
+            "wandb": wandb_mode is not None,
         }, indent=2))
         run_search(spec, data_root, storage=storage, name=experiment.name, gpus=gpus,
                    num_samples=args.num_samples, skip=skip, wandb=wandb_mode is not None)
     trials = read_trials(experiment)
     rows = leaderboard_rows(trials)
     path = write_leaderboard(experiment, rows)
-    print(f"\nLeaderboard ({path}):\n{format_table(rows)}")
+    print(f"\nLeaderboard ({path}):\n{format_table(rows)}\n\n{best_trial_summary(trials)}")
     errored = [t for t in trials if t.status == "errored"]
     if errored:
         print(f"{len(errored)} trial(s) errored (each tried {e.max_failures + 1} time(s)); "

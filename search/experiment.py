@@ -18,7 +18,7 @@ from errors import UserError
 from models.losses import loss_label, parse_loss
 from models.metrics import METRIC_MODES
 
-from .space import trial_defaults
+from .space import TRIAL_PARAMS, trial_defaults
 
 LEADERBOARD_FILE = "leaderboard.csv"
 LEADERBOARD_COLUMNS = ["trial_id", "decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize", "lr",
@@ -138,6 +138,17 @@ def write_leaderboard(experiment: str | Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def best_trial_summary(trials: list[TrialRecord]) -> str:
+    """The best trial's score, searched parameters and checkpoint, for the end of a search."""
+    reported = [t for t in trials if not math.isnan(t.best)]
+    if not reported:
+        return "No trial reported a score."
+    best = min(reported, key=TrialRecord.sort_key)
+    params = "\n".join(f"    {k}: {v}" for k, v in best.config.items() if k in TRIAL_PARAMS)
+    return (f"Best trial {best.trial_id}: {best.metric} {best.best:.4f} ({best.status}, {best.epochs} epochs)\n"
+            f"  config:\n{params}\n  checkpoint: {best.checkpoint or 'none kept'}")
 
 
 def format_table(rows: list[dict]) -> str:

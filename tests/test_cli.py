@@ -3,6 +3,7 @@ import csv
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,13 @@ def test_search_writes_a_leaderboard_with_early_stopped_trials(experiment):
     for r in rows:
         assert (r["focal_gamma"] != "") == (r["loss"] == "focal")
     assert rows[0]["trial_id"] in result.stdout  # the leaderboard is printed too
+    # then the best trial's score, searched parameters and checkpoint folder
+    best = re.search(r"Best trial (\S+): val_miou ([\d.]+) .*\n  config:\n((?:    .*\n)+)  checkpoint: (.+)",
+                     result.stdout)
+    assert best and best.group(1) == rows[0]["trial_id"], result.stdout[-2000:]
+    assert abs(float(best.group(2)) - float(rows[0]["best_val_miou"])) < 1e-3
+    assert f"    decoder: {rows[0]['decoder']}\n" in best.group(3) and "data_root" not in best.group(3)
+    assert (Path(best.group(4)) / "model.pt").is_file()
 
 
 def test_best_checkpoint_is_a_plain_state_dict_with_a_rebuild_description(experiment):
