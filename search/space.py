@@ -2,8 +2,8 @@
 
 A space file has three sections:
 
-    experiment: {num_samples, max_epochs, grace_period, reduction_factor, seed, cpus_per_trial, gpus_per_trial,
-                 max_failures}
+    experiment: {num_samples, max_epochs, scheduler (asha | fifo), grace_period, reduction_factor, seed,
+                 cpus_per_trial, gpus_per_trial, max_failures, metric, mode}
     data:       train, val, test: annotation files relative to the data root
                 split: given (train/val files) | kfold (fold `fold` of `folds` over train_all, split_seed)
                 class_map: a class-map YAML (relative to this file), unknown: keep | background | ignore
@@ -92,12 +92,16 @@ class ExperimentSettings:
     mode: str = ""  # max or min; "" = the metric's own direction
     num_samples: int = 8
     max_epochs: int = 4
+    scheduler: str = "asha"  # asha: stop weak trials at the rungs; fifo: every trial trains max_epochs
     grace_period: int = 1
     reduction_factor: int = 2
     seed: int = 0
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 1.0  # used only when GPUs are given to the search
     max_failures: int = 1  # retries of a trial that raises before it is recorded as errored
+
+
+SCHEDULERS = ("asha", "fifo")
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,8 @@ def _check_experiment(e: ExperimentSettings) -> None:
             raise UserError(f"experiment.{key} must be positive, got {getattr(e, key)!r}")
     if e.grace_period > e.max_epochs:
         raise UserError(f"experiment.grace_period ({e.grace_period}) exceeds max_epochs ({e.max_epochs})")
+    if e.scheduler not in SCHEDULERS:
+        raise UserError(f"experiment.scheduler must be one of {', '.join(SCHEDULERS)}, got {e.scheduler!r}")
     if e.reduction_factor < 2:
         raise UserError(f"experiment.reduction_factor must be at least 2, got {e.reduction_factor}")
     if e.metric not in METRIC_MODES:

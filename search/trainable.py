@@ -167,7 +167,7 @@ def run_epochs(trial: Trial, report: Report) -> None:
         val = evaluate(scored, trial.val_loader, trial.num_classes, trial.device, NORMALIZATION)
         trial.epoch = epoch
         metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": time.perf_counter() - started}
-        metrics["gpu_ids"] = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []  # given by Ray
+        metrics.update(_placement())
         trial.best_val_miou = max(trial.best_val_miou, val["val_miou"])
         improved = trial.improves(val)
         if improved:
@@ -179,6 +179,13 @@ def run_epochs(trial: Trial, report: Report) -> None:
                 report(metrics, directory)
         else:
             report(metrics, None)
+
+
+def _placement() -> dict:
+    """Where Ray runs this trial: its GPU ids and its node (several nodes may share one IP)."""
+    if not ray.is_initialized():
+        return {"gpu_ids": [], "node_id": None}
+    return {"gpu_ids": [str(i) for i in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _average_weights(trial: Trial) -> nn.Module:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -49,7 +49,20 @@ def start_ray(gpus: float, cpus: int | None = None, *, dashboard_host: str = DAS
     context = ray.init(num_cpus=cpus or os.cpu_count(), num_gpus=gpus, include_dashboard=True,
                        dashboard_host=dashboard_host, dashboard_port=_free_port(dashboard_host, DASHBOARD_PORT),
                        configure_logging=True, logging_level="WARNING", log_to_driver=True)
+    _make_private(auth_token_path())
     return getattr(context, "dashboard_url", None)
+
+
+def auth_token_path() -> Path:
+    """Where Ray keeps the token its dashboard and job API ask for (Ray 2.60 creates one on first start)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def _make_private(path: Path) -> None:
+    """Ray writes its token with the default umask (often readable by every user of the machine); the
+    token is what keeps the dashboard's code execution to its owner, so only the owner may read it."""
+    if path.is_file() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 def _check_address(address: str) -> None:
@@ -109,6 +122,15 @@ def trial_resources(e, gpus: float) -> dict:
     return {"cpu": e.cpus_per_trial, "gpu": e.gpus_per_trial if gpus > 0 else 0}
 
 
+def scheduler(e):
+    """ASHA stops weak trials at its rungs (grace_period * reduction_factor**k epochs); FIFO lets every
+    trial train max_epochs."""
+    if e.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=e.max_epochs, grace_period=e.grace_period,
+                         reduction_factor=e.reduction_factor)
+
+
 def wandb_callbacks(experiment: Path, enabled: bool) -> list:
     """One wandb run per trial (config and every epoch's metrics), written under the experiment folder.
     Offline or online as WANDB_MODE says (set before Ray starts)."""
@@ -135,8 +157,7 @@ def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, g
             metric=e.metric, mode=e.mode, num_samples=num_samples or e.num_samples, reuse_actors=True,
             trial_dirname_creator=trial_dirname,
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=e.max_epochs,
-                                    grace_period=e.grace_period, reduction_factor=e.reduction_factor),
+            scheduler=scheduler(e),
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), verbose=1,

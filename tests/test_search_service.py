@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from ray.tune import ExperimentAnalysis
 
 from errors import UserError
 from search.space import load_space
+from search.tune_runner import auth_token_path
 
 from .conftest import ROOT, run_cli
 
@@ -218,6 +221,16 @@ def _terminated_trials(experiment) -> set[str]:
     return done
 
 
+def _dashboard_status(port: int, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/jobs/", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_resume_continues_a_search_whose_driver_was_killed(sample_root, tmp_path):
     cpus = os.cpu_count()
     (tmp_path / "space.yaml").write_text(SPACE.replace("num_samples: 2", "num_samples: 4")
@@ -236,8 +249,11 @@ def test_resume_continues_a_search_whose_driver_was_killed(sample_root, tmp_path
             if port is None and (url := re.search(r"Ray dashboard: http://127\.0\.0\.1:(\d+)",
                                                   (tmp_path / "driver.log").read_text())):
                 port = int(url.group(1))
-                # the dashboard listens on the loopback interface only
+                # the dashboard listens on the loopback interface only, and only answers with Ray's token
                 assert _listening_addresses(port) == {"127.0.0.1"}, _listening_addresses(port)
+                assert _dashboard_status(port, token=None) == 401
+                assert _dashboard_status(port, token=auth_token_path().read_text().strip()) == 200
+                assert auth_token_path().stat().st_mode & 0o077 == 0  # readable by its owner only
             time.sleep(1)
             finished = _terminated_trials(experiment)
         assert port is not None
@@ -264,6 +280,8 @@ def test_resume_continues_a_search_whose_driver_was_killed(sample_root, tmp_path
     before = {t: len((next(experiment.glob(f"*{t}*")) / "result.json").read_text().splitlines()) for t in finished}
     assert set(before.values()) == {2}
 
+    refused = run_cli("launch.py", "--resume", "--name", "resumable", "--storage", tmp_path / "runs", "--wandb", "offline")
+    assert refused.returncode == 2 and "was started with --no-wandb" in refused.stderr.strip().splitlines()[-1]
     result = run_cli("launch.py", "--resume", "--name", "resumable", "--storage", tmp_path / "runs")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = _leaderboard(experiment)
@@ -298,3 +316,27 @@ def test_fractional_fake_gpus_pack_eight_trials_at_once_each_with_a_gpu_id(sampl
     assert len({r["pid"] for r in results}) == 8  # eight actors: none was free to reuse
     starts = [r["timestamp"] - r["time_total_s"] for r in results]
     assert max(starts) <= min(r["timestamp"] for r in results)  # all eight ran at the same time
+
+
+def test_a_search_joining_a_two_node_cluster_runs_trials_on_both_and_writes_one_experiment(sample_root, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    (tmp_path / "space.yaml").write_text(
+        SPACE.replace("num_samples: 2, max_epochs: 2, grace_period: 2", "num_samples: 4, max_epochs: 1, grace_period: 1")
+        .replace("resize: 64", "resize: 32"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=0)
+        cluster.wait_for_nodes()
+        result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root, "--address",
+                         cluster.address, "--storage", tmp_path / "runs", "--name", "two-nodes", "--no-wandb")
+        nodes = {node.node_id for node in cluster.list_all_nodes()}
+    finally:
+        cluster.shutdown()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment = tmp_path / "runs" / "two-nodes"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["two-nodes"]  # one experiment for both nodes
+    results = [t.last_result for t in ExperimentAnalysis(str(experiment)).trials]
+    assert len(results) == 4 and all(r.get("val_miou") is not None for r in results)
+    assert {r["node_id"] for r in results} == nodes and len(nodes) == 2  # trials ran on both nodes
+    assert len(_leaderboard(experiment)) == 4

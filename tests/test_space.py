@@ -67,6 +67,7 @@ def test_same_seed_gives_same_suggestions():
     ("space: {loss: {choice: [ce, hinge]}}", r"space.loss.choice: unknown loss 'hinge' \(choose from ce, focal"),
     ("experiment: {max_epochs: 2, grace_period: 3}\nspace: {lr: 0.1}", r"grace_period \(3\) exceeds max_epochs \(2\)"),
     ("experiment: {num_samples: many}\nspace: {lr: 0.1}", r"experiment.num_samples: expected int, got 'many'"),
+    ("experiment: {scheduler: hyperband}\nspace: {lr: 0.1}", r"experiment.scheduler must be one of asha, fifo, got 'hyperband'"),
     ("experimnt: {}\nspace: {lr: 0.1}", r"unknown key experimnt \(did you mean 'experiment'\?\)"),
     ("space: {}", r"'space' must be a non-empty mapping"),
     ("space: [1, 2", r"not valid YAML"),
