@@ -1,8 +1,9 @@
 """Ensemble selection and submission writing speed, each against a naive baseline in the same run.
 
-selection: greedy selection (models.ensemble.greedy_selection: running sums, incremental confusion
-    matrices) vs a naive numpy version that re-sums the selected members and recomputes the whole
-    confusion matrix for every candidate; same synthetic val probabilities, same rounds, and the
+selection: greedy selection (models.ensemble.greedy_selection: running int16 sums of uint8
+    probabilities compared class plane by class plane, incremental confusion matrices) vs a naive
+    numpy version that re-sums the selected members (in float32) and recomputes the whole confusion
+    matrix for every candidate; the same synthetic uint8 val probabilities, the same rounds, and the
     two must pick the same path.
 writer: data_pipeline.submission.format_labels vs `' '.join(str(x) for x in row)` per label map.
 
@@ -48,7 +49,8 @@ def naive_greedy(members: list[np.ndarray], labels: np.ndarray, num_classes: int
 
 
 def synthetic(images: int, classes: int, size: int, candidates: int, seed: int = 0):
-    """Labels made of 16x16 blocks, and candidates that are noisy, partly right views of them."""
+    """Labels made of 16x16 blocks, and candidates that are noisy, partly right views of them, as uint8
+    probabilities (x 255, the form ensemble_select.py caches and selects in)."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, classes, (images, size // 16, size // 16))
     labels = coarse.repeat(16, 1).repeat(16, 2).astype(np.int64)
@@ -57,7 +59,7 @@ def synthetic(images: int, classes: int, size: int, candidates: int, seed: int =
         logits = rng.standard_normal((images, classes, size, size), dtype=np.float32) * (1.0 + 0.1 * k)
         np.put_along_axis(logits, labels[:, None], np.take_along_axis(logits, labels[:, None], 1) + 1.5, 1)
         probs = np.exp(logits - logits.max(1, keepdims=True))
-        members.append((probs / probs.sum(1, keepdims=True)).astype(np.float16))
+        members.append(np.round(probs / probs.sum(1, keepdims=True) * 255).astype(np.uint8))
     return labels, members
 
 

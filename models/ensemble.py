@@ -1,4 +1,11 @@
-"""Greedy forward ensemble selection with replacement (Caruana et al., ICML 2004) on val mIoU.
+"""Greedy forward ensemble selection with replacement (Caruana et al., ICML 2004) on val mIoU, and a
+class-wise refinement of it.
+
+Members' val probabilities come quantised to uint8 (`quantize`: probability x 255), a quarter of the
+bytes of float32, and their sums are exact integers: selection never meets float rounding between
+near-ties. Arrays are [N, C, H, W]: each class is a contiguous plane per image, and a pixel's top
+class is found with elementwise maxima over the planes of packed (score, class) keys (`KeySpace`),
+which vectorises far better than a max over a dimension of ~12 classes.
 
 The ensemble starts from the best single member; each round adds (again, possibly) the member whose
 addition gives the highest val mIoU. After max_rounds the best prefix of the path is kept, so the
@@ -13,43 +20,41 @@ import numpy as np
 import torch
 
 from .inference import to_labels
-from .metrics import confusion_matrix, mean_iou
+from .metrics import IGNORE_INDEX, confusion_matrix, mean_iou
+
+PROB_SCALE = 255  # a quantised probability of 1
+
+Terms = Sequence[tuple["float | list[float]", torch.Tensor]]  # (weight, probabilities [N, C, H, W]) pairs
 
 
-Terms = Sequence[tuple[float, torch.Tensor]]  # (weight, probabilities [N, C, H, W]) pairs
+def quantize(probs: torch.Tensor) -> torch.Tensor:
+    """[0, 1] probabilities -> uint8 0..255, the form val probabilities are cached and selected in."""
+    return probs.float().mul(PROB_SCALE).round_().clamp_(0, PROB_SCALE).to(torch.uint8)
+
+
+def weigh(weight, probs: torch.Tensor) -> torch.Tensor:
+    """weight * probs [B, C, H, W] in float32; weight is one number or a list with one per class."""
+    if isinstance(weight, (int, float)):
+        return weight * probs.float()
+    return torch.as_tensor(weight, dtype=torch.float32, device=probs.device).view(1, -1, 1, 1) * probs.float()
+
+
+def has_weight(weight) -> bool:
+    """Whether a member with this weight (one number, or one per class) takes part."""
+    return any(weight) if isinstance(weight, (list, tuple)) else bool(weight)
 
 
 def ensemble_confusion(terms: Terms, labels: torch.Tensor, num_classes: int, chunk: int = 8) -> torch.Tensor:
     """Confusion matrix of argmax(sum of weight * probabilities) against labels [N, H, W].
 
-    Summed a few images at a time, so no full-size float32 copy of the members is ever made.
+    Summed a few images at a time, so no full-size float32 copy of the members is ever made. With
+    uint8 probabilities and integer weights (selection counts) the sums are exact.
     """
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for start in range(0, len(labels), chunk):
-        total = sum(w * p[start:start + chunk].float() for w, p in terms if w)
+        total = sum(weigh(w, p[start:start + chunk]) for w, p in terms if has_weight(w))
         conf += confusion_matrix(labels[start:start + chunk], to_labels(total), num_classes)
     return conf
-
-
-def _confusions_after_adding(candidates: list[torch.Tensor], running: torch.Tensor, predicted: torch.Tensor,
-                             conf: torch.Tensor, labels: torch.Tensor, num_classes: int, chunk: int) -> list[torch.Tensor]:
-    """For each candidate, the confusion matrix of running + candidate, from conf (that of running,
-    whose labels are `predicted`), recounting only the pixels whose label changes.
-
-    Image chunks are the outer loop, so each chunk of the running sum is read once for all
-    candidates while it is still in cache.
-    """
-    confs = [conf.clone() for _ in candidates]
-    buffer = torch.empty_like(running[:chunk])  # reused: fresh large allocations cost page faults
-    for i in range(0, len(labels), chunk):
-        part, old, truth = running[i:i + chunk], predicted[i:i + chunk], labels[i:i + chunk]
-        summed = buffer[:len(part)]
-        for candidate, candidate_conf in zip(candidates, confs):
-            new = to_labels(torch.add(part, candidate[i:i + chunk], out=summed))
-            changed = new != old
-            candidate_conf += (confusion_matrix(truth[changed], new[changed], num_classes)
-                               - confusion_matrix(truth[changed], old[changed], num_classes))
-    return confs
 
 
 def ensemble_miou(terms: Terms, labels: torch.Tensor, num_classes: int) -> float:
@@ -58,42 +63,222 @@ def ensemble_miou(terms: Terms, labels: torch.Tensor, num_classes: int) -> float
 
 @dataclass
 class Selection:
-    weights: list[float]  # one per member
+    counts: list[int]  # times each member was chosen in the kept prefix of the path
     path: list[dict] = field(default_factory=list)  # {"round", "member", "val_miou"} per round
     val_miou: float = 0.0
     member_miou: list[float] = field(default_factory=list)
+    member_conf: list[torch.Tensor] = field(default_factory=list)  # each member's own confusion matrix
+
+    @property
+    def weights(self) -> list[float]:
+        return [c / sum(self.counts) for c in self.counts]
+
+
+@dataclass
+class ClassSelection:
+    counts: list[list[int]]  # [member][class]: the greedy counts plus the class-wise additions
+    rounds: int  # of the greedy selection it refined (the weights' denominator)
+    path: list[dict] = field(default_factory=list)  # {"round", "member", "class", "val_miou"} per step
+    val_miou: float = 0.0
+    start_miou: float = 0.0  # that of the ensemble it refined
+
+    @property
+    def weights(self) -> list[list[float]]:
+        return [[c / self.rounds for c in row] for row in self.counts]
+
+
+class _Scorer:
+    """Labels in the form selection counts them: truth * C + prediction indexes a confusion matrix,
+    ignored pixels go to spare bins past the C*C real ones. Up to 15 classes the index fits a byte,
+    and a bincount over bytes is several times faster than over int64."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int):
+        self.num_classes = num_classes
+        dtype = torch.uint8 if num_classes * (num_classes + 1) <= 256 else torch.int32
+        self.truth = torch.where(labels == IGNORE_INDEX, num_classes * num_classes,
+                                 labels.long() * num_classes).to(dtype).reshape(len(labels), -1)
+
+    def counts(self, truth: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        bins = torch.bincount(truth + predicted.to(truth.dtype), minlength=self.num_classes * (self.num_classes + 1))
+        return bins[:self.num_classes ** 2].reshape(self.num_classes, self.num_classes)
+
+    def confusion(self, predicted: torch.Tensor) -> torch.Tensor:
+        return self.counts(self.truth.reshape(-1), predicted.reshape(-1))
+
+    def moved(self, conf: torch.Tensor, truth: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """conf after the pixels with these truths moved from old to new predictions."""
+        return conf + self.counts(truth, new) - self.counts(truth, old)
+
+
+def _check_quantized(member_probs: list[torch.Tensor]) -> None:
+    if not member_probs:
+        raise ValueError("no ensemble members")
+    if any(p.dtype != torch.uint8 for p in member_probs):
+        raise TypeError("ensemble selection takes uint8 probabilities (models.ensemble.quantize)")
+
+
+class KeySpace:
+    """Packed (score, class) integer keys: a pixel's key for class c is score * shift + (shift - 1 - c),
+    so the largest key is the largest score and, among equal scores, the first class. An elementwise
+    maximum over the class planes is then argmax (first on ties), and the class reads back from the
+    low bits. Adding a uint8 probability to a score is an add with alpha=shift.
+
+    int16 keys (half the memory traffic of int32) when scores of up to max_count members fit;
+    shift is the smallest power of two above the class count. The int16 range is used from -32768.
+    """
+
+    def __init__(self, num_classes: int, max_count: int):
+        bits = max(1, (num_classes - 1).bit_length())
+        if (max_count * PROB_SCALE + 1) << bits <= 1 << 16:
+            self.dtype, self.shift, offset = torch.int16, 1 << bits, -(1 << 15)
+        else:
+            self.dtype, self.shift, offset = torch.int32, 256, 0
+        self.base = (offset + self.shift - 1 - torch.arange(num_classes)).to(self.dtype).view(1, -1, 1, 1)
+
+    def keys(self, probs: torch.Tensor, count: int = 1) -> torch.Tensor:
+        """Keys of count x probs [N, C, H, W] (uint8)."""
+        return self.base.expand(probs.shape).clone().add_(probs, alpha=self.shift * count)
+
+    def class_of(self, keys: torch.Tensor) -> torch.Tensor:
+        """The class a key stands for (uint8)."""
+        return (self.shift - 1 - (keys & (self.shift - 1))).to(torch.uint8)
+
+    def top(self, keys: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Per pixel of [n, C, H, W] keys (+ extra uint8 probabilities added to each class's score):
+        the largest key, [n, H, W]."""
+        best = keys[:, 0].clone()
+        if extra is not None:
+            best.add_(extra[:, 0], alpha=self.shift)
+        buffer = torch.empty_like(best)
+        for c in range(1, keys.shape[1]):
+            value = keys[:, c] if extra is None else torch.add(keys[:, c], extra[:, c], alpha=self.shift, out=buffer)
+            torch.maximum(best, value, out=best)
+        return best
+
+    def top_in_chunks(self, keys: torch.Tensor, chunk: int) -> torch.Tensor:
+        return torch.cat([self.top(keys[i:i + chunk]) for i in range(0, len(keys), chunk)])
+
+    def member_labels(self, probs: torch.Tensor, chunk: int) -> torch.Tensor:
+        """One member's own labels: its probabilities added to zero scores."""
+        zero = self.base.expand(min(chunk, len(probs)), -1, *probs.shape[2:])
+        return torch.cat([self.class_of(self.top(zero[:len(part)], part))
+                          for part in (probs[i:i + chunk] for i in range(0, len(probs), chunk))])
+
+
+class OverBudget(ValueError):
+    """No member alone fits the budget."""
+
+    def __init__(self, budget: float, cheapest: float):
+        super().__init__(f"no member fits the budget {budget:g} (the cheapest costs {cheapest:g})")
+        self.budget, self.cheapest = budget, cheapest
 
 
 def greedy_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
-                     max_rounds: int = 10, chunk: int = 8) -> Selection:
-    """member_probs: per member [N, C, H, W] probabilities (any float dtype) on the same val images.
+                     max_rounds: int = 10, chunk: int = 8, costs: Sequence[float] | None = None,
+                     budget: float | None = None) -> Selection:
+    """member_probs: per member [N, C, H, W] uint8 probabilities (quantize) on the same val images.
 
-    The ensemble's summed probabilities, its predicted labels and its confusion matrix are kept
-    between rounds; a candidate is scored by updating the confusion matrix only where adding it
-    changes the prediction.
+    The ensemble's summed probabilities are kept between rounds (as keys); a candidate is scored by
+    adding it to the running sum, never by re-summing the members. With costs (e.g. each member's inference ms per image) and a
+    budget, only members that keep the total cost of the distinct members within it are considered
+    (choosing a member again costs nothing).
     """
-    if not member_probs:
-        raise ValueError("no ensemble members")
-    member_conf = [ensemble_confusion([(1.0, p)], labels, num_classes, chunk) for p in member_probs]
+    _check_quantized(member_probs)
+    allowed = _within_budget(costs, budget, set(), len(member_probs))
+    if not any(allowed):
+        raise OverBudget(budget, min(costs))
+    scorer, space = _Scorer(labels, num_classes), KeySpace(num_classes, max_rounds)
+    member_conf = [scorer.confusion(space.member_labels(p, chunk)) for p in member_probs]
     member_miou = [mean_iou(conf) for conf in member_conf]
-    first = int(np.argmax(member_miou))
-    running = member_probs[first].float().clone()
-    predicted = torch.cat([to_labels(running[i:i + chunk]) for i in range(0, len(labels), chunk)])
-    conf = member_conf[first]
+    first = int(np.argmax([m if ok else -1.0 for m, ok in zip(member_miou, allowed)]))
+    running = space.keys(member_probs[first])
     path = [{"round": 1, "member": first, "val_miou": member_miou[first]}]
     for round_index in range(2, max_rounds + 1):
-        confs = _confusions_after_adding(member_probs, running, predicted, conf, labels, num_classes, chunk)
-        scores = [mean_iou(c) for c in confs]
+        allowed = _within_budget(costs, budget, {step["member"] for step in path}, len(member_probs))
+        confs = [_confusion_with(p, running, scorer, space, chunk) if ok else None
+                 for p, ok in zip(member_probs, allowed)]
+        scores = [mean_iou(c) if c is not None else -1.0 for c in confs]
         best = int(np.argmax(scores))
-        conf = confs[best]
-        for i in range(0, len(labels), chunk):
-            running[i:i + chunk] += member_probs[best][i:i + chunk]
-            predicted[i:i + chunk] = to_labels(running[i:i + chunk])
+        running.add_(member_probs[best], alpha=space.shift)
         path.append({"round": round_index, "member": best, "val_miou": scores[best]})
     # Keep the best prefix (earliest on ties).
     best_len = max(range(len(path)), key=lambda i: (path[i]["val_miou"], -i)) + 1
-    kept = [0] * len(member_probs)
+    counts = [0] * len(member_probs)
     for step in path[:best_len]:
-        kept[step["member"]] += 1
-    return Selection(weights=[c / best_len for c in kept], path=path,
-                     val_miou=path[best_len - 1]["val_miou"], member_miou=member_miou)
+        counts[step["member"]] += 1
+    return Selection(counts=counts, path=path, val_miou=path[best_len - 1]["val_miou"], member_miou=member_miou,
+                     member_conf=member_conf)
+
+
+def _within_budget(costs, budget, chosen: set, count: int) -> list[bool]:
+    if budget is None:
+        return [True] * count
+    spent = sum(costs[m] for m in chosen)
+    return [m in chosen or spent + costs[m] <= budget for m in range(count)]
+
+
+def _confusion_with(candidate: torch.Tensor, running: torch.Tensor, scorer: _Scorer, space: KeySpace,
+                    chunk: int) -> torch.Tensor:
+    """The confusion matrix of running + candidate, counted chunk by chunk as its labels come out
+    (one byte-indexed bincount per chunk costs less than finding the pixels whose label changed)."""
+    conf = torch.zeros(scorer.num_classes, scorer.num_classes, dtype=torch.long)
+    for i in range(0, len(running), chunk):
+        labels = space.class_of(space.top(running[i:i + chunk], candidate[i:i + chunk]))
+        conf += scorer.counts(scorer.truth[i:i + chunk].reshape(-1), labels.reshape(-1))
+    return conf
+
+
+def per_class_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
+                        counts: Sequence[int], max_rounds: int = 20, chunk: int = 8,
+                        costs: Sequence[float] | None = None, budget: float | None = None) -> ClassSelection:
+    """Class-wise refinement of a greedy selection (counts: how often it chose each member).
+
+    Each round adds one member's probabilities for one class only: the (member, class) pair that raises
+    val mIoU most, so that a member strong on a rare class contributes there without its mistakes on
+    the others. Stops when no pair improves or after max_rounds. Raising one class's score can only
+    switch a pixel to that class, and only where the member's probability (at most 1) covers the
+    pixel's gap to its top score: those are the only pixels recounted. costs and budget as in
+    greedy_selection: a member new to the ensemble must fit in what is left of the budget.
+    """
+    _check_quantized(member_probs)
+    scorer, space = _Scorer(labels, num_classes), KeySpace(num_classes, sum(counts) + max_rounds)
+    running = space.base.expand(member_probs[0].shape).clone()
+    for member, count in enumerate(counts):
+        if count:
+            running.add_(member_probs[member], alpha=space.shift * count)
+    top = space.top_in_chunks(running, chunk).reshape(-1)
+    predicted = space.class_of(top)
+    truth = scorer.truth.reshape(-1)
+    conf = scorer.confusion(predicted)
+    class_counts = [[c] * num_classes for c in counts]
+    start = score = mean_iou(conf)
+    path = []
+    image_size = labels[0].numel()
+    for round_index in range(1, max_rounds + 1):
+        best = None
+        in_use = {m for m, row in enumerate(class_counts) if any(row)}
+        allowed = _within_budget(costs, budget, in_use, len(member_probs))
+        for cls in range(num_classes):
+            column = running[:, cls].reshape(-1)
+            near = torch.nonzero((top.int() - column.int() < PROB_SCALE * space.shift) & (predicted != cls)).squeeze(1)
+            image, pixel = near // image_size, near % image_size
+            near_top, near_label, near_truth, near_column = top[near], predicted[near], truth[near], column[near]
+            for member, probs in enumerate(member_probs):
+                if not allowed[member]:
+                    continue
+                raised = near_column.int() + probs[:, cls].reshape(len(probs), -1)[image, pixel].int() * space.shift
+                switches = raised > near_top.int()
+                target = near_truth[switches]
+                candidate = scorer.moved(conf, target, near_label[switches], torch.full_like(target, cls))
+                candidate_score = mean_iou(candidate)
+                if candidate_score > (best[0] if best else score):
+                    best = (candidate_score, member, cls, candidate)
+        if best is None:
+            break
+        score, member, cls, conf = best
+        running[:, cls] += (member_probs[member][:, cls].int() * space.shift).to(space.dtype)
+        class_counts[member][cls] += 1
+        torch.maximum(top, running[:, cls].reshape(-1), out=top)  # only this class's keys rose
+        predicted = space.class_of(top)
+        path.append({"round": round_index, "member": member, "class": cls, "val_miou": score})
+    return ClassSelection(counts=class_counts, rounds=sum(counts), path=path, val_miou=score, start_miou=start)

@@ -1,8 +1,9 @@
-"""Greedy ensemble selection (Caruana 2004) on synthetic probability sets."""
+"""Greedy ensemble selection (Caruana 2004) and its class-wise refinement on synthetic probability sets
+(quantised to uint8, the form val probabilities are cached and selected in)."""
 import numpy as np
 import torch
 
-from models.ensemble import ensemble_miou, greedy_selection
+from models.ensemble import ensemble_miou, greedy_selection, per_class_selection, quantize
 
 
 def _one_hot_probs(labels, num_classes, noise, seed):
@@ -15,13 +16,11 @@ def _one_hot_probs(labels, num_classes, noise, seed):
 def test_complementary_members_beat_each_alone():
     labels = torch.randint(0, 3, (4, 8, 8), generator=torch.Generator().manual_seed(0))
     left, right = _one_hot_probs(labels, 3, 0.1, 1), _one_hot_probs(labels, 3, 0.1, 2)
-    left[..., 4:] = torch.tensor([1.0, 0.0, 0.0])[None, :, None, None]  # left half right only
-    right[..., :4] = torch.tensor([0.0, 0.0, 1.0])[None, :, None, None]  # right half right only
-    # Member 0 is wrong on its right half, member 1 on its left; summing them fixes both... only where
-    # the confident wrong vote is weaker, so make the good halves more confident.
-    left[..., :4] *= 3
-    right[..., 4:] *= 3
-    selection = greedy_selection([left, right], labels, 3, max_rounds=6)
+    # Member 0 is confidently right on the left half and weakly wrong on the right; member 1 the mirror
+    # image: their sum is right everywhere.
+    left[..., 4:] = torch.tensor([0.5, 0.25, 0.25])[None, :, None, None]
+    right[..., :4] = torch.tensor([0.25, 0.25, 0.5])[None, :, None, None]
+    selection = greedy_selection([quantize(left), quantize(right)], labels, 3, max_rounds=6)
     assert selection.val_miou > max(selection.member_miou)
     assert selection.val_miou == 1.0
     assert abs(sum(selection.weights) - 1) < 1e-9 and all(w > 0 for w in selection.weights)
@@ -30,8 +29,8 @@ def test_complementary_members_beat_each_alone():
 def test_starts_from_best_single_model_and_never_ends_below_it():
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(rng.integers(0, 4, (6, 8, 8)))
-    members = [torch.from_numpy(rng.random((6, 4, 8, 8))).half() for _ in range(4)]
-    members.append(_one_hot_probs(labels, 4, 2.0, 5).half())  # the best single member
+    members = [quantize(torch.from_numpy(rng.random((6, 4, 8, 8)))) for _ in range(4)]
+    members.append(quantize(_one_hot_probs(labels, 4, 2.0, 5)))  # the best single member
     selection = greedy_selection(members, labels, 4, max_rounds=8)
     assert selection.path[0]["member"] == 4
     assert selection.val_miou >= max(selection.member_miou)
@@ -41,9 +40,10 @@ def test_starts_from_best_single_model_and_never_ends_below_it():
 def test_selected_weights_reproduce_the_reported_score():
     rng = np.random.default_rng(1)
     labels = torch.from_numpy(rng.integers(0, 3, (5, 6, 6)))
-    members = [_one_hot_probs(labels, 3, float(n), n) for n in (3, 4, 5)]
+    members = [quantize(_one_hot_probs(labels, 3, float(n), n)) for n in (3, 4, 5)]
     selection = greedy_selection(members, labels, 3, max_rounds=5)
-    assert abs(ensemble_miou(list(zip(selection.weights, members)), labels, 3) - selection.val_miou) < 1e-12
+    assert abs(ensemble_miou(list(zip(selection.counts, members)), labels, 3) - selection.val_miou) < 1e-12
+    assert abs(sum(selection.weights) - 1) < 1e-12
 
 
 
@@ -61,9 +61,9 @@ def test_incremental_confusion_matrices_pick_the_same_path_as_recounting():
     g = torch.Generator().manual_seed(7)
     labels = torch.randint(0, 5, (9, 12, 12), generator=g)
     labels[0, :3] = 255  # ignored pixels must stay out of every count
-    members = [_one_hot_probs(labels.clamp(max=4), 5, noise, seed) for noise, seed in
+    members = [quantize(_one_hot_probs(labels.clamp(max=4), 5, noise, seed)) for noise, seed in
                ((1.0, 1), (2.0, 2), (3.0, 3), (1.5, 4))]
-    selection = greedy_selection(members, labels, 5, max_rounds=6, chunk=4)
+    selection = greedy_selection(members, labels, 5, max_rounds=6)
     assert [s["member"] for s in selection.path] == _reference_greedy(members, labels, 5, 6)
     for step in selection.path:
         chosen = [s["member"] for s in selection.path[:step["round"]]]
@@ -75,8 +75,8 @@ def test_ties_between_classes_do_not_change_the_path():
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         labels = torch.randint(0, 4, (6, 10, 10), generator=g)
-        members = [(torch.randint(0, 3, (6, 4, 10, 10), generator=g).float() / 2).half() for _ in range(4)]
-        selection = greedy_selection(members, labels, 4, max_rounds=6, chunk=4)
+        members = [quantize(torch.randint(0, 3, (6, 4, 10, 10), generator=g).float() / 2) for _ in range(4)]
+        selection = greedy_selection(members, labels, 4, max_rounds=6)
         assert [s["member"] for s in selection.path] == _reference_greedy(members, labels, 4, 6)
 
 
@@ -89,10 +89,89 @@ def test_greedy_reaches_the_best_small_integer_weighting_found_by_brute_force():
     left[..., 4:] = torch.tensor([0.6, 0.4, 0.0])[None, :, None, None]  # unsure (and often wrong) on the right half
     right[..., :4] = torch.tensor([0.0, 0.4, 0.6])[None, :, None, None]  # unsure on the left half
     noisy = _one_hot_probs(labels, 3, 8.0, 4)  # weaker alone than either half-expert
-    members = [left, right, noisy]
+    members = [quantize(m) for m in (left, right, noisy)]
     rounds = 4
     brute = max(ensemble_miou([(float(c), m) for c, m in zip(counts, members)], labels, 3)
                 for counts in itertools.product(range(rounds + 1), repeat=3) if 0 < sum(counts) <= rounds)
     selection = greedy_selection(members, labels, 3, max_rounds=rounds)
     assert selection.val_miou > max(selection.member_miou)
     assert abs(selection.val_miou - brute) < 1e-12
+
+
+def test_uint8_probabilities_are_required():
+    import pytest
+
+    with pytest.raises(TypeError, match="uint8 probabilities"):
+        greedy_selection([torch.rand(1, 2, 4, 4)], torch.zeros(1, 4, 4, dtype=torch.long), 2)
+
+
+def _rare_class_case():
+    """Member 0 is right everywhere except on class 3 (rare: one 4x4 patch per image), which it calls
+    background; member 1 finds class 3 but is confidently wrong on class 1."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (6, 16, 16), generator=g)
+    labels[:, 4:8, 4:8] = 3
+    good = _one_hot_probs(labels, 4, 0.3, 1)
+    good[:, :, 4:8, 4:8] = torch.tensor([0.7, 0.0, 0.0, 0.3])[None, :, None, None]
+    finder = _one_hot_probs(labels, 4, 0.3, 2)
+    for i in range(len(labels)):
+        finder[i, :, labels[i] == 1] = torch.tensor([0.0, 0.0, 1.0, 0.0])[:, None]  # calls class 1 class 2
+    return labels, [quantize(good), quantize(finder)]
+
+
+def test_per_class_weights_let_a_rare_class_specialist_contribute_only_there():
+    labels, members = _rare_class_case()
+    selection = greedy_selection(members, labels, 4, max_rounds=4)
+    refined = per_class_selection(members, labels, 4, selection.counts, max_rounds=6)
+    assert refined.start_miou == selection.val_miou
+    assert refined.val_miou > selection.val_miou
+    assert refined.path and {step["class"] for step in refined.path} == {3}
+    # the specialist weighs in on class 3 only; the scores it reports are the ones the weights give
+    assert refined.counts[1][3] > refined.counts[1][1] == refined.counts[1][0]
+    assert abs(ensemble_miou(list(zip(refined.counts, members)), labels, 4) - refined.val_miou) < 1e-12
+    steps = refined.path
+    assert all(a["val_miou"] < b["val_miou"] for a, b in zip(steps, steps[1:]))
+
+
+def test_per_class_refinement_matches_an_exhaustive_search_of_each_step():
+    """Each accepted step is the best of all (member, class) additions, recounted from scratch."""
+    g = torch.Generator().manual_seed(11)
+    labels = torch.randint(0, 4, (5, 8, 8), generator=g)
+    members = [quantize(_one_hot_probs(labels, 4, noise, seed)) for noise, seed in ((2.0, 1), (3.0, 2), (2.5, 3))]
+    selection = greedy_selection(members, labels, 4, max_rounds=3)
+    refined = per_class_selection(members, labels, 4, selection.counts, max_rounds=4)
+    counts = [[c] * 4 for c in selection.counts]
+    score = selection.val_miou
+    for step in refined.path:
+        options = {}
+        for member in range(3):
+            for cls in range(4):
+                trial = [row[:] for row in counts]
+                trial[member][cls] += 1
+                options[(member, cls)] = ensemble_miou(list(zip(trial, members)), labels, 4)
+        best = max(options.values())
+        assert best > score and abs(options[(step["member"], step["class"])] - best) < 1e-12
+        counts[step["member"]][step["class"]] += 1
+        score = best
+    assert counts == refined.counts
+
+
+def test_a_latency_budget_keeps_expensive_members_out():
+    import pytest
+
+    from models.ensemble import OverBudget
+
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 3, (4, 8, 8), generator=g)
+    members = [quantize(_one_hot_probs(labels, 3, noise, seed)) for noise, seed in ((4.0, 1), (0.5, 2), (3.0, 3))]
+    costs = [1.0, 5.0, 1.5]  # member 1, the best alone, is the slowest
+    free = greedy_selection(members, labels, 3, max_rounds=4)
+    assert free.path[0]["member"] == 1
+    capped = greedy_selection(members, labels, 3, max_rounds=4, costs=costs, budget=2.5)
+    used = {step["member"] for step in capped.path}
+    assert 1 not in used and sum(costs[m] for m in used) <= 2.5
+    assert capped.path[0]["member"] == max((0, 2), key=lambda m: capped.member_miou[m])
+    refined = per_class_selection(members, labels, 3, capped.counts, max_rounds=4, costs=costs, budget=2.5)
+    assert all(refined.counts[1][c] == 0 for c in range(3))
+    with pytest.raises(OverBudget, match="cheapest costs 1"):
+        greedy_selection(members, labels, 3, costs=costs, budget=0.5)
