@@ -98,11 +98,27 @@ def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], st
         classes[ann] = report.class_names
     _check_test_images(data_root, d.test, spec.class_map)
     (first, first_names), *others = classes.items()
+    skip += _check_pseudo_labels(data_root, d.pseudo_labels, first_names, skip_bad)
     for ann, names in others:
         if names != first_names:
             raise UserError(f"{data_root / first} and {data_root / ann} have different classes: "
                             f"{first_names} vs {names}")
     return skip, " / ".join(counts) + " images", len(first_names)
+
+
+def _check_pseudo_labels(data_root: Path, files, class_names: list[str], skip_bad: bool) -> list[str]:
+    """Pseudo-label files must name the search's classes (and Uncertain); their images are checked too."""
+    from data_pipeline.pseudo_labels import pseudo_class_map
+    from data_pipeline.validate import check_usable, format_warning, validate_dataset
+
+    skip = []
+    for ann in files:
+        report = validate_dataset(data_root, ann, class_map=pseudo_class_map(class_names))
+        bad = check_usable(report, skip_bad)
+        if bad:
+            print(format_warning(report), file=sys.stderr, flush=True)
+        skip += bad
+    return skip
 
 
 def _check_test_images(data_root: Path, test_ann: str, class_map) -> None:

@@ -20,6 +20,15 @@ class Split:
     def __len__(self) -> int:
         return len(self.file_names)
 
+    def concat(self, *others: "Split") -> "Split":
+        """This split followed by others of the same classes (copied into memory)."""
+        for other in others:
+            if other.class_names != self.class_names:
+                raise ValueError(f"cannot join splits with classes {other.class_names} and {self.class_names}")
+        splits = (self, *others)
+        return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.masks for s in splits]),
+                     sum((s.file_names for s in splits), ()), self.class_names)
+
     def take(self, indices) -> "Split":
         """The images at indices (e.g. one fold), copied out of the memory map."""
         indices = np.asarray(indices, dtype=np.int64)

@@ -20,6 +20,7 @@ from .cache import file_digest, load_split
 from .classes import ClassMap
 from .coco import CocoSegmentation
 from .dataset import Split
+from .pseudo_labels import pseudo_class_map
 from .splits import kfold_indices
 
 SPLITS = ("given", "kfold")
@@ -39,10 +40,12 @@ class DataSpec:
     split_seed: int = 0
     class_map: dict | None = None  # ClassMap.to_dict(); None = categories as they are
     skip: tuple[str, ...] = ()  # file_names left out everywhere (launch.py --skip-bad)
+    pseudo_labels: tuple[str, ...] = ()  # ensemble_select.py --pseudo-labels files, added to the training images
 
     # Trial-config key of each field (the first four keep the names trials always had).
     CONFIG_KEYS = {"root": "data_root", "train": "train_ann", "val": "val_ann", "test": "test_ann",
-                   "train_all": "train_all_ann", "skip": "skip_images"}
+                   "train_all": "train_all_ann", "skip": "skip_images", "pseudo_labels": "pseudo_label_anns"}
+    LISTS = ("skip", "pseudo_labels")
 
     @classmethod
     def from_config(cls, config: dict, root: str | Path | None = None) -> "DataSpec":
@@ -51,11 +54,12 @@ class DataSpec:
                   if (key := cls.CONFIG_KEYS.get(f.name, f.name)) in config}
         if root is not None:
             values["root"] = str(root)
-        values["skip"] = tuple(values.get("skip", ()))
+        for name in cls.LISTS:
+            values[name] = tuple(values.get(name, ()))
         return cls(**values)
 
     def to_config(self) -> dict:
-        return {self.CONFIG_KEYS.get(k, k): (list(v) if k == "skip" else v) for k, v in asdict(self).items()}
+        return {self.CONFIG_KEYS.get(k, k): (list(v) if k in self.LISTS else v) for k, v in asdict(self).items()}
 
     def classes(self) -> ClassMap | None:
         return ClassMap.from_dict(self.class_map) if self.class_map else None
@@ -69,10 +73,19 @@ class DataSpec:
             train, val = self.load(self.train, resize), self.load(self.val, resize)
             if train.class_names != val.class_names:
                 raise ValueError(f"{self.train} and {self.val} have different classes")
-            return train, val
-        everything = self.load(self.train_all, resize)
-        train_idx, val_idx = self.fold_indices()
-        return everything.take(train_idx), everything.take(val_idx)
+        else:
+            everything = self.load(self.train_all, resize)
+            train_idx, val_idx = self.fold_indices()
+            train, val = everything.take(train_idx), everything.take(val_idx)
+        return self._with_pseudo_labels(train, resize), val
+
+    def _with_pseudo_labels(self, train: Split, resize: int) -> Split:
+        if not self.pseudo_labels:
+            return train
+        class_map = pseudo_class_map(train.class_names)
+        extra = [load_split(self.root, ann, resize, class_map=class_map, skip=frozenset(self.skip))
+                 for ann in self.pseudo_labels]
+        return train.concat(*extra)
 
     def val_split(self, resize: int, with_masks: bool = True) -> Split:
         if self.split == "given":
@@ -84,6 +97,7 @@ class DataSpec:
         ann = self.val if self.split == "given" else self.train_all
         parts = [file_digest(Path(self.root) / ann), self.to_config()]
         del parts[1]["data_root"]  # the same data elsewhere has the same val set
+        del parts[1]["pseudo_label_anns"]  # training images only
         return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def fold_indices(self):

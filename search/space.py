@@ -7,6 +7,7 @@ A space file has three sections:
     data:       train, val, test: annotation files relative to the data root
                 split: given (train/val files) | kfold (fold `fold` of `folds` over train_all, split_seed)
                 class_map: a class-map YAML (relative to this file), unknown: keep | background | ignore
+                pseudo_labels: [files] written by ensemble_select.py --pseudo-labels, added to training
     space:      one entry per trial parameter:
                   lr: 0.001                                   fixed value
                   decoder: {choice: [Unet, FPN]}              categorical
@@ -115,6 +116,7 @@ class DataSettings:
     split_seed: int = 0
     class_map: str = ""  # path of a class-map YAML, relative to the space file; "" = none
     unknown: str = ""  # keep | background | ignore; "" = as the class map says, else keep
+    pseudo_labels: tuple = ()  # pseudo-label files (ensemble_select.py --pseudo-labels) added to training
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,10 @@ def _parse_settings(raw, cls, section: str):
         expected = type(getattr(defaults, key))
         if value is None and expected is str:  # e.g. class_map: null
             value = getattr(defaults, key)
+        if expected is tuple:  # a list of file names
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise UserError(f"{section}.{key}: expected a list of file names, got {value!r}")
+            value = tuple(value)
         ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
         if isinstance(value, bool) or not ok:
             raise UserError(f"{section}.{key}: expected {expected.__name__}, got {value!r}")

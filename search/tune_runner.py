@@ -99,7 +99,8 @@ def trial_dirname(trial) -> str:
 def data_spec(spec: SearchSpec, data_root: Path, skip=()) -> DataSpec:
     d = spec.data
     return DataSpec(str(data_root), d.train, d.val, d.test, d.split, d.train_all, d.folds, split_seed=d.split_seed,
-                    class_map=spec.class_map.to_dict() if spec.class_map else None, skip=tuple(sorted(skip)))
+                    class_map=spec.class_map.to_dict() if spec.class_map else None, skip=tuple(sorted(skip)),
+                    pseudo_labels=d.pseudo_labels)
 
 
 def trial_constants(spec: SearchSpec, data_root: Path, skip=()) -> dict:
