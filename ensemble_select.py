@@ -27,8 +27,21 @@ def parse_args(argv):
     parser.add_argument("--max-rounds", type=int, default=10, help="greedy selection rounds (default: 10)")
     parser.add_argument("--tta", choices=TTA_MODES, default="none",
                         help="test-time augmentation, for val selection and test alike (default: none)")
+    parser.add_argument("--per-class", action="store_true",
+                        help="refine the weights class by class, so a member strong on one class contributes there")
+    parser.add_argument("--latency-budget", type=float, default=None, metavar="MS",
+                        help="most inference ms per image the ensemble may take (members timed on a val batch)")
+    parser.add_argument("--pseudo-labels", type=Path, default=None, metavar="FILE",
+                        help="also write the ensemble's confident test predictions as COCO annotations (a file "
+                             "under the data root, for data.pseudo_labels of a later search)")
+    parser.add_argument("--pseudo-threshold", type=float, default=0.9,
+                        help="ensemble probability a pixel needs to be pseudo-labelled (default: 0.9)")
     parser.add_argument("--data", type=Path, default=None, help="dataset root (default: the one the search used)")
     args = parser.parse_args(argv)
+    if not 0 < args.pseudo_threshold <= 1:
+        parser.error(f"--pseudo-threshold must be in (0, 1], got {args.pseudo_threshold:g}")
+    if args.latency_budget is not None and args.latency_budget <= 0:
+        parser.error(f"--latency-budget must be > 0 ms, got {args.latency_budget:g}")
     for flag in ("topk", "size", "max_rounds"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -43,8 +56,12 @@ def main(argv=None) -> int:
     experiment = (args.experiment or latest_experiment(args.storage)).resolve()
     print(f"Experiment: {experiment}", flush=True)
     summary = build_ensemble(experiment, topk=args.topk, backbone=args.backbone, size=args.size, out=args.out,
-                             data_root=args.data, max_rounds=args.max_rounds, tta=args.tta)
+                             data_root=args.data, max_rounds=args.max_rounds, tta=args.tta, per_class=args.per_class,
+                             latency_budget=args.latency_budget, pseudo_labels=args.pseudo_labels,
+                             pseudo_threshold=args.pseudo_threshold)
     print(f"Submission: {summary['submission']} ({summary['test_images']} images, {args.size}x{args.size})")
+    print(f"Ensemble: val mIoU {summary['val_miou']:.4f}, {summary['ms_per_image']:.1f} ms per image on "
+          f"{summary['device']}")
     print(f"Details: {Path(summary['submission']).with_name('ensemble.json')}")
     return 0
 

@@ -17,12 +17,14 @@ import torch
 
 from atomic_file import atomic_path, write_atomically
 from data_pipeline.dataset import SegmentationDataset, Split, make_loader
+from data_pipeline.pseudo_labels import write_pseudo_labels
 from data_pipeline.submission import write_submission
 from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint
-from models.ensemble import Selection, ensemble_confusion, greedy_selection
-from models.inference import predict_batch, predict_probs, to_labels
+from models.ensemble import (ClassSelection, OverBudget, Selection, ensemble_confusion, greedy_selection,
+                             has_weight, per_class_selection, quantize, weigh)
+from models.inference import predict_batch, predict_probs
 from models.metrics import iou_per_class
 
 from .experiment import TrialRecord, ranked, read_trials
@@ -57,15 +59,31 @@ def _loader(split: Split):
 
 
 def val_probabilities(member: Member, data: DataSpec, size: int, device, tta: str = "none"):
-    """[N, C, size, size] float16 val probabilities of one member (kept on the CPU)."""
+    """[N, C, size, size] uint8 val probabilities (x 255, models.ensemble.quantize) of one member, on the CPU."""
     loader = _loader(data.val_split(member.meta["input_size"][0], with_masks=False))
     probs = predict_probs(member.model, loader, (size, size), device, tta, member.meta["normalization"])
-    return torch.cat([p.half().cpu() for p in probs])
+    return torch.cat([quantize(p).cpu() for p in probs])
+
+
+def inference_ms_per_image(member: Member, data: DataSpec, size: int, device, tta: str) -> float:
+    """One member's prediction time per image (TTA and resize to the submission size included) on a
+    val batch, after a warm-up run on it."""
+    images = next(iter(_loader(data.val_split(member.meta["input_size"][0], with_masks=False))))[0]
+
+    def predict():
+        predict_batch(member.model, images, (size, size), device, tta, member.meta["normalization"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    predict()
+    started = time.perf_counter()
+    predict()
+    return (time.perf_counter() - started) * 1000 / len(images)
 
 
 def cached_val_probabilities(member: Member, data: DataSpec, size: int, device, tta: str,
                              cache_dir: Path) -> tuple[torch.Tensor, bool]:
-    """val_probabilities, kept as a float16 .npy in cache_dir and memory-mapped by later runs.
+    """val_probabilities, kept as a uint8 .npy in cache_dir and memory-mapped by later runs.
 
     The file name holds a hash of what the probabilities depend on (weights file, val set, size,
     TTA), so a changed checkpoint or val set is never read from a stale file.
@@ -73,7 +91,7 @@ def cached_val_probabilities(member: Member, data: DataSpec, size: int, device, 
     """
     weights = Path(member.trial.checkpoint) / WEIGHTS_FILE
     key = json.dumps([str(weights), weights.stat().st_mtime_ns, weights.stat().st_size,
-                      data.val_fingerprint(), size, tta])
+                      data.val_fingerprint(), size, tta, "uint8"])
     path = cache_dir / f"val-{member.trial.trial_id}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path, mmap_mode="c")), True
@@ -91,33 +109,66 @@ class GroupEnsemble:
     members: list[Member]
     selection: Selection
     per_class_iou: np.ndarray
+    ms_per_image: list[float]  # each member's inference time per image
+    class_selection: ClassSelection | None = None  # with --per-class
+
+    @property
+    def ensemble_ms_per_image(self) -> float:
+        """The members with a weight run one after another."""
+        return sum(ms for ms, w in zip(self.ms_per_image, self.weights) if has_weight(w))
+
+    @property
+    def val_miou(self) -> float:
+        return (self.class_selection or self.selection).val_miou
+
+    @property
+    def weights(self) -> list:
+        """Per member: one weight, or one per class with --per-class."""
+        return (self.class_selection or self.selection).weights
 
 
 def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root: Path | None, size: int, device, *,
-                 max_rounds: int, tta: str, cache_dir: Path, log) -> GroupEnsemble:
+                 max_rounds: int, tta: str, cache_dir: Path, per_class: bool, latency_budget: float | None,
+                 log) -> GroupEnsemble:
     _, chosen = choose_members(trials, topk, backbone)
     data = DataSpec.from_config(chosen[0].config, data_root)
     members = [Member(t, *load_checkpoint(t.checkpoint, device)) for t in chosen]
     val = data.val_split(size)
     _check_compatible(members, val.file_names)
     log(f"Backbone {backbone}: {len(members)} candidate(s) " + ", ".join(m.trial.trial_id for m in members))
-    labels = torch.from_numpy(np.asarray(val.masks))
+    labels = torch.from_numpy(np.array(val.masks))  # a copy: the cached maps are read-only
     num_classes = members[0].meta["num_classes"]
     cached = [cached_val_probabilities(m, data, size, device, tta, cache_dir) for m in members]
     probs = [p for p, _ in cached]
     log(f"Val probabilities: {sum(hit for _, hit in cached)} of {len(cached)} read from {cache_dir}")
-    selection = greedy_selection(probs, labels, num_classes, max_rounds=max_rounds)
+    ms = [inference_ms_per_image(m, data, size, device, tta) for m in members]
+    log("Inference ms per image: " + ", ".join(f"{m.trial.trial_id} {t:.1f}" for m, t in zip(members, ms)))
+    budget = {"costs": ms, "budget": latency_budget}
+    selection = greedy_selection(probs, labels, num_classes, max_rounds=max_rounds, **budget)  # may raise OverBudget
     _log_selection(selection, members, log)
-    per_class = iou_per_class(ensemble_confusion(list(zip(selection.weights, probs)), labels, num_classes))
-    return GroupEnsemble(backbone, data, members, selection, per_class)
+    counts, refined = selection.counts, None
+    if per_class:
+        refined = per_class_selection(probs, labels, num_classes, selection.counts, max_rounds=max_rounds, **budget)
+        _log_class_selection(refined, members, members[0].meta["class_names"], log)
+        counts = refined.counts
+    per_class_iou = iou_per_class(ensemble_confusion(list(zip(counts, probs)), labels, num_classes))
+    group = GroupEnsemble(backbone, data, members, selection, per_class_iou, ms, refined)
+    log(f"Ensemble inference: {group.ensemble_ms_per_image:.1f} ms per image"
+        + (f" (budget {latency_budget:g})" if latency_budget else ""))
+    return group
 
 
 def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: int, out: Path | None,
-                   data_root: Path | None = None, max_rounds: int = 10, tta: str = "none", log=print) -> dict:
+                   data_root: Path | None = None, max_rounds: int = 10, tta: str = "none", per_class: bool = False,
+                   latency_budget: float | None = None, pseudo_labels: Path | None = None,
+                   pseudo_threshold: float = 0.9, log=print) -> dict:
     """Selects and runs the ensemble; writes submission.csv and ensemble.json; returns the summary.
 
     backbone: a name, None for the best trial's backbone, or "auto" to select an ensemble for every
-    backbone and keep the one with the best val mIoU.
+    backbone and keep the one with the best val mIoU. per_class: refine the greedy weights class by
+    class (models.ensemble.per_class_selection). latency_budget: most ms per image the ensemble's
+    members may take together (each measured on a val batch). pseudo_labels: also write the
+    ensemble's test predictions whose confidence reaches pseudo_threshold as a COCO file there.
     """
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,31 +176,68 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
     best_backbone, _ = choose_members(trials, topk, None)  # raises when there is nothing to ensemble
     backbones = _backbones_by_rank(trials) if backbone == "auto" else [backbone or best_backbone]
     cache_dir = Path(experiment) / "ensemble" / "val_cache"
-    groups = [select_group(trials, b, topk, data_root, size, device, max_rounds=max_rounds, tta=tta,
-                           cache_dir=cache_dir, log=log) for b in backbones]
-    group = max(groups, key=lambda g: g.selection.val_miou)
+    groups, fastest = [], []
+    for b in backbones:
+        try:
+            groups.append(select_group(trials, b, topk, data_root, size, device, max_rounds=max_rounds, tta=tta,
+                                       cache_dir=cache_dir, per_class=per_class, latency_budget=latency_budget,
+                                       log=log))
+        except OverBudget as exc:
+            log(f"Backbone {b}: no candidate fits the latency budget (the fastest takes {exc.cheapest:.1f} ms)")
+            fastest.append(exc.cheapest)
+    if not groups:
+        raise UserError(f"--latency-budget {latency_budget:g} ms: no candidate fits (the fastest takes "
+                        f"{min(fastest):.1f} ms per image on {device})")
+    group = max(groups, key=lambda g: g.val_miou)
     if len(groups) > 1:
-        scores = ", ".join(f"{g.backbone} {g.selection.val_miou:.4f}" for g in groups)
+        scores = ", ".join(f"{g.backbone} {g.val_miou:.4f}" for g in groups)
         log(f"Backbone groups by ensemble val mIoU: {scores}; keeping {group.backbone}")
 
-    members, selection = group.members, group.selection
+    members, selection, refined = group.members, group.selection, group.class_selection
     out = Path(out) if out else Path(experiment) / "ensemble" / "submission.csv"
     data = group.data
-    test_rows = _predict_test(members, selection.weights, data, size, device, tta)
-    rows = write_submission(out, test_rows)
+    class_names = members[0].meta["class_names"]
+    kept = []  # (file_name, labels, confident) per test image, for the pseudo-labels
+
+    def submission_rows():
+        for file_name, labels, confidence in _predict_test(members, group.weights, data, size, device, tta):
+            if pseudo_labels:
+                kept.append((file_name, labels, confidence >= pseudo_threshold))
+            yield file_name, labels
+
+    rows = write_submission(out, submission_rows())
+    pseudo = _write_pseudo_labels(pseudo_labels, data, kept, class_names, log) if pseudo_labels else None
     summary = {
         "experiment": str(experiment), "backbone": group.backbone, "size": size, "tta": tta,
-        "data_root": data.root, "val_miou": selection.val_miou,
-        "groups": {g.backbone: g.selection.val_miou for g in groups},
-        "per_class_iou": dict(zip(members[0].meta["class_names"], _nan_to_none(group.per_class_iou))),
+        "data_root": data.root, "val_miou": group.val_miou, "greedy_val_miou": selection.val_miou,
+        "groups": {g.backbone: g.val_miou for g in groups},
+        "per_class_iou": dict(zip(class_names, _nan_to_none(group.per_class_iou))),
         "selection_path": [{**s, "trial_id": members[s["member"]].trial.trial_id} for s in selection.path],
+        "per_class_path": [{**s, "trial_id": members[s["member"]].trial.trial_id, "class_name": class_names[s["class"]]}
+                           for s in refined.path] if refined else None,
         "members": [{"trial_id": m.trial.trial_id, "checkpoint": str(m.trial.checkpoint), "config": m.trial.config,
-                     "weight": w, "val_miou": v, "train_val_miou": m.trial.best_val_miou}
-                    for m, w, v in zip(members, selection.weights, selection.member_miou)],
+                     "weight": dict(zip(class_names, w)) if refined else w, "val_miou": v,
+                     "per_class_iou": dict(zip(class_names, _nan_to_none(iou_per_class(conf)))),
+                     "ms_per_image": ms, "train_val_miou": m.trial.best_val_miou}
+                    for m, w, v, conf, ms in zip(members, group.weights, selection.member_miou, selection.member_conf,
+                                                 group.ms_per_image)],
+        "ms_per_image": group.ensemble_ms_per_image, "latency_budget_ms": latency_budget, "device": str(device),
         "submission": str(out), "test_images": rows, "seconds": round(time.perf_counter() - started, 1),
+        "pseudo_labels": pseudo and {"file": str(pseudo_labels), "threshold": pseudo_threshold, **pseudo},
     }
     write_atomically(out.with_name("ensemble.json"), json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _write_pseudo_labels(path: Path, data: DataSpec, kept: list, class_names: list[str], log) -> dict:
+    from data_pipeline.coco import CocoSegmentation
+
+    test = CocoSegmentation(data.root, data.test)
+    by_name = {test.file_name(i): test.coco.imgs[i] for i in test.image_ids}
+    images = [{k: by_name[name][k] for k in ("id", "file_name", "width", "height")} for name, _, _ in kept]
+    counts = write_pseudo_labels(path, images, ((labels, confident) for _, labels, confident in kept), class_names)
+    log(f"Pseudo-labels: {path} ({counts['images']} images, {counts['confident_share']:.0%} of pixels confident)")
+    return counts
 
 
 def _backbones_by_rank(trials: list[TrialRecord]) -> list[str]:
@@ -167,6 +255,16 @@ def _check_compatible(members: list[Member], val_images) -> None:
                             f"{first.trial.trial_id} (was the data changed since the search?)")
 
 
+def _log_class_selection(refined: ClassSelection, members: list[Member], class_names: list[str], log) -> None:
+    if not refined.path:
+        log("Per-class refinement: no class-wise addition raises val mIoU")
+        return
+    log("Per-class refinement (round, member added for one class, ensemble val mIoU):")
+    for step in refined.path:
+        log(f"  {step['round']:2d}  member {step['member']} for {class_names[step['class']]}  {step['val_miou']:.4f}")
+    log(f"Per-class ensemble val mIoU {refined.val_miou:.4f} (greedy {refined.start_miou:.4f})")
+
+
 def _log_selection(selection: Selection, members: list[Member], log) -> None:
     for i, (m, score) in enumerate(zip(members, selection.member_miou)):
         c = m.trial.config
@@ -178,17 +276,19 @@ def _log_selection(selection: Selection, members: list[Member], log) -> None:
     log(f"Ensemble val mIoU {selection.val_miou:.4f} (best single {max(selection.member_miou):.4f}); weights {weights}")
 
 
-def _predict_test(members: list[Member], weights: list[float], data: DataSpec, size: int, device, tta: str):
-    """Yields (file_name, uint8 label map) per test image, one batch of all members at a time."""
-    used = [(m, w) for m, w in zip(members, weights) if w]
+def _predict_test(members: list[Member], weights: list, data: DataSpec, size: int, device, tta: str):
+    """Yields (file_name, uint8 label map, float32 confidence map) per test image, one batch of all
+    members at a time; the confidence is the top class's share of the weighted probability sum."""
+    used = [(m, w) for m, w in zip(members, weights) if has_weight(w)]
     loaders = [_loader(data.load(data.test, m.meta["input_size"][0], with_masks=False)) for m, _ in used]
     file_names = loaders[0].dataset.split.file_names
     index = 0
     for batches in zip(*loaders):
-        total = sum(w * predict_batch(m.model, b[0], (size, size), device, tta, m.meta["normalization"])
+        total = sum(weigh(w, predict_batch(m.model, b[0], (size, size), device, tta, m.meta["normalization"]))
                     for (m, w), b in zip(used, batches))
-        for labels in to_labels(total).to(torch.uint8).cpu().numpy():
-            yield file_names[index], labels
+        confidence, labels = (total / total.sum(dim=1, keepdim=True)).max(dim=1)
+        for label_map, confidence_map in zip(labels.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()):
+            yield file_names[index], label_map, confidence_map
             index += 1
 
 

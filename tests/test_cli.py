@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,67 @@ def test_ensemble_writes_a_submission_in_test_order(experiment, sample_root):
     assert summary["val_miou"] >= max(m["val_miou"] for m in summary["members"])
     assert summary["selection_path"][0]["val_miou"] == max(m["val_miou"] for m in summary["members"])
     assert len({m["config"]["backbone"] for m in summary["members"]}) == 1
+
+
+def test_per_class_refinement_reports_class_weights_and_never_scores_below_greedy(experiment):
+    path, _ = experiment
+    out = path.parent / "per-class" / "submission.csv"
+    result = run_cli("ensemble_select.py", "--experiment", path, "--topk", "3", "--per-class", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.with_name("ensemble.json").read_text())
+    class_names = list(summary["per_class_iou"])
+    assert summary["val_miou"] >= summary["greedy_val_miou"]
+    assert all(list(m["weight"]) == class_names for m in summary["members"])  # one weight per class
+    assert all(list(m["per_class_iou"]) == class_names for m in summary["members"])
+    assert ("Per-class ensemble val mIoU" in result.stdout) == bool(summary["per_class_path"])
+    for step in summary["per_class_path"]:
+        assert step["class_name"] == class_names[step["class"]]
+    assert len(read_submission(out)) > 0
+    # every member is timed; the ensemble's time is that of the members with a weight
+    used = [m["ms_per_image"] for m in summary["members"] if any(m["weight"].values())]
+    assert all(m["ms_per_image"] > 0 for m in summary["members"])
+    assert abs(summary["ms_per_image"] - sum(used)) < 1e-9 and "ms per image" in result.stdout
+
+
+def test_a_latency_budget_no_candidate_fits_is_a_one_line_error(experiment):
+    path, _ = experiment
+    out = path.parent / "budget" / "submission.csv"
+    result = run_cli("ensemble_select.py", "--experiment", path, "--topk", "2", "--latency-budget", "0.001",
+                     "--out", out)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
+    assert "--latency-budget 0.001 ms: no candidate fits" in result.stderr and "the fastest takes" in result.stderr
+    assert not out.exists()
+
+
+def test_pseudo_labels_cover_every_test_image_and_a_later_search_accepts_them(experiment, sample_root, tmp_path):
+    from data_pipeline.pseudo_labels import UNCERTAIN, pseudo_class_map
+
+    path, _ = experiment
+    pseudo = sample_root / "pseudo-cli.json"
+    try:
+        out = path.parent / "pseudo" / "submission.csv"
+        result = run_cli("ensemble_select.py", "--experiment", path, "--topk", "2", "--out", out,
+                         "--pseudo-labels", pseudo, "--pseudo-threshold", "0.5")
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads(out.with_name("ensemble.json").read_text())
+        test = CocoSegmentation(sample_root, "test.json")
+        info = summary["pseudo_labels"]
+        assert info["images"] == len(test.image_ids) and 0 < info["confident_share"] <= 1 and info["threshold"] == 0.5
+        class_names = list(summary["per_class_iou"])
+        back = CocoSegmentation(sample_root, pseudo.name, class_map=pseudo_class_map(class_names))
+        assert back.class_names == class_names
+        assert json.loads(pseudo.read_text())["categories"][-1]["name"] == UNCERTAIN
+        # where the pseudo-labels are sure, they are the submission's labels (both at 256 x 256 here
+        # only through nearest resizing, so compare on the label sets)
+        first = back.image_ids[0]
+        submitted = dict(read_submission(out))[back.file_name(first)]
+        assert set(np.unique(back.label_map(first))) - {255} <= set(np.unique(submitted))
+        (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("space:\n", f"data: {{pseudo_labels: [{pseudo.name}]}}\nspace:\n"))
+        dry = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root, "--dry-run",
+                      "--storage", tmp_path / "runs")
+        assert dry.returncode == 0, dry.stderr[-2000:]
+    finally:
+        pseudo.unlink(missing_ok=True)
 
 
 def test_topk_one_is_the_best_single_model_of_the_most_recent_experiment(experiment):
