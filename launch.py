@@ -79,9 +79,10 @@ def _check_gpus(requested: float) -> None:
 
 
 def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], str, int]:
-    """Checks the annotation files the search trains and validates on, and every image they list,
-    before Ray starts. Returns (file_names to leave out, image counts, number of classes)."""
-    from data_pipeline.validate import check_usable, format_warning, validate_dataset
+    """Checks the annotation files the search trains and validates on (pseudo-labels included), and
+    every image they list, before Ray starts. Returns (file_names to leave out, image counts, number
+    of classes)."""
+    from data_pipeline.pseudo_labels import pseudo_class_map
 
     if not data_root.is_dir():
         raise UserError(f"data root {data_root} does not exist or is not a folder")
@@ -89,36 +90,32 @@ def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], st
     files = {"train": d.train, "val": d.val} if d.split == "given" else {f"{d.folds}-fold": d.train_all}
     skip, counts, classes = [], [], {}
     for role, ann in files.items():
-        report = validate_dataset(data_root, ann, class_map=spec.class_map)
-        bad = check_usable(report, skip_bad)
-        if bad:
-            print(format_warning(report), file=sys.stderr, flush=True)
+        report, bad = _checked(data_root, ann, spec.class_map, skip_bad)
         skip += bad
         counts.append(f"{report.num_images - len(bad)} {role}")
         classes[ann] = report.class_names
     _check_test_images(data_root, d.test, spec.class_map)
     (first, first_names), *others = classes.items()
-    skip += _check_pseudo_labels(data_root, d.pseudo_labels, first_names, skip_bad)
     for ann, names in others:
         if names != first_names:
             raise UserError(f"{data_root / first} and {data_root / ann} have different classes: "
                             f"{first_names} vs {names}")
+    for ann in d.pseudo_labels:  # in the search's classes (and Uncertain), or refused
+        report, bad = _checked(data_root, ann, pseudo_class_map(first_names), skip_bad)
+        skip += bad
+        counts.append(f"{report.num_images - len(bad)} pseudo-labelled")
     return skip, " / ".join(counts) + " images", len(first_names)
 
 
-def _check_pseudo_labels(data_root: Path, files, class_names: list[str], skip_bad: bool) -> list[str]:
-    """Pseudo-label files must name the search's classes (and Uncertain); their images are checked too."""
-    from data_pipeline.pseudo_labels import pseudo_class_map
+def _checked(data_root: Path, ann: str, class_map, skip_bad: bool):
+    """(validation report, file_names to leave out) of one annotation file; warns about those."""
     from data_pipeline.validate import check_usable, format_warning, validate_dataset
 
-    skip = []
-    for ann in files:
-        report = validate_dataset(data_root, ann, class_map=pseudo_class_map(class_names))
-        bad = check_usable(report, skip_bad)
-        if bad:
-            print(format_warning(report), file=sys.stderr, flush=True)
-        skip += bad
-    return skip
+    report = validate_dataset(data_root, ann, class_map=class_map)
+    bad = check_usable(report, skip_bad)
+    if bad:
+        print(format_warning(report), file=sys.stderr, flush=True)
+    return report, bad
 
 
 def _check_test_images(data_root: Path, test_ann: str, class_map) -> None:

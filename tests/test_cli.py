@@ -156,6 +156,7 @@ def test_pseudo_labels_cover_every_test_image_and_a_later_search_accepts_them(ex
         dry = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root, "--dry-run",
                       "--storage", tmp_path / "runs")
         assert dry.returncode == 0, dry.stderr[-2000:]
+        assert f"{len(test.image_ids)} pseudo-labelled images" in dry.stdout
     finally:
         pseudo.unlink(missing_ok=True)
 
