@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     print(f"Ensemble: val mIoU {summary['val_miou']:.4f}, {summary['ms_per_image']:.1f} ms per image on "
           f"{summary['device']}")
     print(f"Details: {Path(summary['submission']).with_name('ensemble.json')}")
+    from search.report import report_after_run
+
+    report_after_run(experiment, Path(summary["submission"]).with_name("ensemble.json"))
     return 0
 
 

@@ -274,6 +274,9 @@ def main(argv=None) -> int:
     if not any(r["best_val_miou"] for r in rows):
         print("error: no trial reported a val mIoU; see the errors above", file=sys.stderr)
         return 1
+    from search.report import report_after_run
+
+    report_after_run(experiment)
     print(f"\nNext: python ensemble_select.py --experiment {experiment} --topk 5")
     return 0
 

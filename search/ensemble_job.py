@@ -108,7 +108,7 @@ class GroupEnsemble:
     data: DataSpec
     members: list[Member]
     selection: Selection
-    per_class_iou: np.ndarray
+    confusion: torch.Tensor  # the ensemble's on val
     ms_per_image: list[float]  # each member's inference time per image
     class_selection: ClassSelection | None = None  # with --per-class
 
@@ -116,6 +116,10 @@ class GroupEnsemble:
     def ensemble_ms_per_image(self) -> float:
         """The members with a weight run one after another."""
         return sum(ms for ms, w in zip(self.ms_per_image, self.weights) if has_weight(w))
+
+    @property
+    def per_class_iou(self) -> np.ndarray:
+        return iou_per_class(self.confusion)
 
     @property
     def val_miou(self) -> float:
@@ -151,8 +155,8 @@ def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root:
         refined = per_class_selection(probs, labels, num_classes, selection.counts, max_rounds=max_rounds, **budget)
         _log_class_selection(refined, members, members[0].meta["class_names"], log)
         counts = refined.counts
-    per_class_iou = iou_per_class(ensemble_confusion(list(zip(counts, probs)), labels, num_classes))
-    group = GroupEnsemble(backbone, data, members, selection, per_class_iou, ms, refined)
+    confusion = ensemble_confusion(list(zip(counts, probs)), labels, num_classes)
+    group = GroupEnsemble(backbone, data, members, selection, confusion, ms, refined)
     log(f"Ensemble inference: {group.ensemble_ms_per_image:.1f} ms per image"
         + (f" (budget {latency_budget:g})" if latency_budget else ""))
     return group
@@ -212,6 +216,7 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
         "data_root": data.root, "val_miou": group.val_miou, "greedy_val_miou": selection.val_miou,
         "groups": {g.backbone: g.val_miou for g in groups},
         "per_class_iou": dict(zip(class_names, _nan_to_none(group.per_class_iou))),
+        "confusion": group.confusion.tolist(),  # val pixels, rows = truth, columns = prediction
         "selection_path": [{**s, "trial_id": members[s["member"]].trial.trial_id} for s in selection.path],
         "per_class_path": [{**s, "trial_id": members[s["member"]].trial.trial_id, "class_name": class_names[s["class"]]}
                            for s in refined.path] if refined else None,

@@ -14,6 +14,7 @@ from data_pipeline.submission import read_submission
 
 from .conftest import run_cli
 
+TINY_PARAMS = ("decoder", "backbone", "loss", "focal_gamma", "augmentation", "lr")
 TINY_SPACE = """
 experiment: {num_samples: 6, max_epochs: 3, grace_period: 1, reduction_factor: 2, seed: 0, cpus_per_trial: 1}
 space:
@@ -288,3 +289,43 @@ def test_a_second_search_on_the_same_machine_gets_another_dashboard_port(sample_
     assert result.returncode == 0, result.stderr[-3000:]
     url = re.search(r"Ray dashboard: http://127\.0\.0\.1:(\d+)", result.stdout)
     assert url and url.group(1) != "8265"
+
+
+def _referenced_images(html_path):
+    return re.findall(r'<img src="([^"]+)"', html_path.read_text())
+
+
+def test_the_search_writes_a_report_whose_figures_hold_every_trial(experiment):
+    path, result = experiment
+    report = path / "report" / "report.html"
+    assert f"Report: {report}" in result.stdout
+    images = _referenced_images(report)
+    assert {"curves.png", "progress.png", "importance.png", "slices.png"} <= set(images)
+    assert all((report.parent / name).stat().st_size > 1000 for name in images)
+    data = json.loads((report.parent / "report.json").read_text())
+    rows = _leaderboard(path)
+    assert sorted(data["trials"]) == sorted(r["trial_id"] for r in rows)
+    for r in rows:  # each trial's curve has one point per epoch it trained
+        assert len(data["curves"][r["trial_id"]]["values"]) == int(r["epochs"])
+        assert r["trial_id"] in report.read_text()
+    assert abs(sum(data["importances"].values()) - 1) < 1e-6 and set(data["importances"]) <= set(TINY_PARAMS)
+    assert abs(max(data["progress"]["best"]) - max(float(r["best_val_miou"]) for r in rows)) < 1e-4
+
+
+def test_ensemble_select_adds_the_ensemble_to_the_report(experiment):
+    path, _ = experiment
+    result = run_cli("ensemble_select.py", "--experiment", path, "--topk", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = path / "report" / "report.html"
+    images = _referenced_images(report)
+    assert {"ensemble_classes.png", "confusion.png"} <= set(images)
+    assert all((report.parent / name).is_file() for name in images)
+    summary = json.loads((path / "ensemble" / "ensemble.json").read_text())
+    confusion = np.asarray(summary["confusion"])
+    assert confusion.shape == (len(summary["per_class_iou"]),) * 2 and confusion.sum() > 0
+    assert "Ensemble inference" not in report.read_text() and f"{summary['val_miou']:.4f}" in report.read_text()
+
+
+def test_report_of_a_folder_that_is_not_an_experiment_is_a_one_line_error(tmp_path):
+    result = run_cli("-m", "search.report", tmp_path, timeout=120)
+    assert result.returncode == 2 and "is not a Ray Tune experiment folder" in result.stderr
