@@ -103,6 +103,7 @@ def importances(trials: list[TrialRecord]) -> dict[str, float]:
     params = searched_params(scored)
     if len(scored) < 3 or not params:
         return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" lines in the CLIs' output
     study = optuna.create_study(direction="maximize" if _maximised(scored) else "minimize")
     distributions = {name: _distribution(values) for name, values in params.items()}
     for i, t in enumerate(scored):
@@ -140,9 +141,13 @@ def slices(trials: list[TrialRecord], directory: Path) -> tuple[str | None, dict
     varied = [n for n in SLICED if n in searched_params(scored)]
     if not varied:
         return None, {}
-    fig, axes = plt.subplots(1, len(varied), figsize=(3 * len(varied), 3.2), sharey=True, squeeze=False)
+    columns = min(3, len(varied))
+    rows = math.ceil(len(varied) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(varied):]:
+        ax.set_visible(False)
     data = {}
-    for ax, name in zip(axes[0], varied):
+    for ax, name in zip(axes.flat, varied):
         groups: dict[str, list[float]] = {}
         for t in scored:
             groups.setdefault(_label(t.config.get(name)), []).append(t.best)
@@ -153,7 +158,8 @@ def slices(trials: list[TrialRecord], directory: Path) -> tuple[str | None, dict
         ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_title(name, fontsize=9)
         data[name] = groups
-    axes[0][0].set_ylabel(f"best {scored[0].metric}")
+    for row in axes:
+        row[0].set_ylabel(f"best {scored[0].metric}")
     return _save(fig, directory, "slices.png"), data
 
 
