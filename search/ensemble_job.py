@@ -81,20 +81,26 @@ def inference_ms_per_image(member: Member, data: DataSpec, size: int, device, tt
     return (time.perf_counter() - started) * 1000 / len(images)
 
 
-def cached_val_probabilities(member: Member, data: DataSpec, size: int, device, tta: str,
-                             cache_dir: Path) -> tuple[torch.Tensor, bool]:
-    """val_probabilities, kept as a uint8 .npy in cache_dir and memory-mapped by later runs.
-
-    The file name holds a hash of what the probabilities depend on (weights file, val set, size,
-    TTA), so a changed checkpoint or val set is never read from a stale file.
-    Returns (probabilities, whether they came from the cache).
-    """
+def val_cache_path(member: Member, data: DataSpec, size: int, tta: str, cache_dir: Path) -> Path:
+    """Where a member's val probabilities are cached: the name holds a hash of what they depend on
+    (weights file, val set, size, TTA), so a changed checkpoint or val set is never read from a stale file."""
     weights = Path(member.trial.checkpoint) / WEIGHTS_FILE
     key = json.dumps([str(weights), weights.stat().st_mtime_ns, weights.stat().st_size,
                       data.val_fingerprint(), size, tta, "uint8"])
-    path = cache_dir / f"val-{member.trial.trial_id}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
+    return cache_dir / f"val-{member.trial.trial_id}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
+
+
+def load_val_cache(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def cached_val_probabilities(member: Member, data: DataSpec, size: int, device, tta: str,
+                             cache_dir: Path) -> tuple[torch.Tensor, bool]:
+    """val_probabilities, kept as a uint8 .npy in cache_dir (val_cache_path) and memory-mapped by
+    later runs. Returns (probabilities, whether they came from the cache)."""
+    path = val_cache_path(member, data, size, tta, cache_dir)
     if path.is_file():
-        return torch.from_numpy(np.load(path, mmap_mode="c")), True
+        return load_val_cache(path), True
     probs = val_probabilities(member, data, size, device, tta)
     with atomic_path(path) as tmp:
         np.save(tmp, probs.numpy())
@@ -223,7 +229,8 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
         "members": [{"trial_id": m.trial.trial_id, "checkpoint": str(m.trial.checkpoint), "config": m.trial.config,
                      "weight": dict(zip(class_names, w)) if refined else w, "val_miou": v,
                      "per_class_iou": dict(zip(class_names, _nan_to_none(iou_per_class(conf)))),
-                     "ms_per_image": ms, "train_val_miou": m.trial.best_val_miou}
+                     "ms_per_image": ms, "train_val_miou": m.trial.best_val_miou,
+                     "val_cache": str(val_cache_path(m, data, size, tta, cache_dir))}
                     for m, w, v, conf, ms in zip(members, group.weights, selection.member_miou, selection.member_conf,
                                                  group.ms_per_image)],
         "ms_per_image": group.ensemble_ms_per_image, "latency_budget_ms": latency_budget, "device": str(device),

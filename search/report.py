@@ -10,7 +10,10 @@ report.json, the numbers behind every figure:
   configs and best values), and the best value of each trial sliced by decoder, backbone, loss,
   focal gamma, augmentation and resize;
 - the ensemble (when ensemble_select.py has run): per-class IoU of the ensemble and of each member,
-  and the ensemble's val confusion matrix.
+  and the ensemble's val confusion matrix;
+- error analysis: the val images where the ensemble's mIoU is lowest, as image / ground truth /
+  prediction / error map, with the confusions that cost most pixels there (from the members'
+  cached val probabilities, no model is run).
 """
 from __future__ import annotations
 
@@ -193,6 +196,70 @@ def ensemble_figures(summary: dict, directory: Path) -> list[str]:
     return figures
 
 
+def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(val images uint8 [N, S, S, 3], val labels [N, S, S], ensemble predictions [N, S, S]) at the
+    submission size, from the members' cached val probabilities and the ensemble's weights."""
+    import torch
+
+    from data_pipeline.trial_data import DataSpec
+    from models.ensemble import has_weight, weigh
+    from search.ensemble_job import load_val_cache
+
+    used = [m for m in summary["members"] if has_weight(_weight_values(m["weight"]))]
+    val = DataSpec.from_config(used[0]["config"], summary["data_root"]).val_split(summary["size"])
+    caches = [load_val_cache(Path(m["val_cache"])) for m in used]
+    predictions = []
+    for start in range(0, len(val), 8):
+        total = sum(weigh(_weight_values(m["weight"]), probs[start:start + 8]) for m, probs in zip(used, caches))
+        predictions.append(total.max(dim=1).indices.to(torch.uint8).numpy())
+    return np.array(val.images), np.array(val.masks), np.concatenate(predictions)  # copies: the cache is read-only
+
+
+def _weight_values(weight):
+    return list(weight.values()) if isinstance(weight, dict) else weight
+
+
+def worst_images(summary: dict, directory: Path, count: int = 6) -> tuple[str | None, list[dict]]:
+    """The val images where the ensemble's mIoU is lowest: image, truth, prediction and error map,
+    with the class confusions that cost most pixels there."""
+    import torch
+
+    from models.metrics import IGNORE_INDEX, image_mious
+
+    names = list(summary["per_class_iou"])
+    images, truth, predicted = ensemble_val_labels(summary)
+    scores = image_mious(torch.from_numpy(truth), torch.from_numpy(predicted), len(names)).numpy()
+    order = [int(i) for i in np.argsort(np.nan_to_num(scores, nan=np.inf))[:count]]
+    colours = plt.get_cmap("tab20", max(len(names), 2))
+    fig, axes = plt.subplots(len(order), 4, figsize=(10, 2.8 * len(order)), squeeze=False)
+    worst = []
+    for row, i in zip(axes, order):
+        valid = truth[i] != IGNORE_INDEX
+        wrong = valid & (truth[i] != predicted[i])
+        confusions = _top_confusions(truth[i][wrong], predicted[i][wrong], names, valid.sum())
+        worst.append({"index": i, "miou": float(scores[i]), "confusions": confusions})
+        shown = [images[i], np.ma.masked_where(~valid, truth[i]), predicted[i], wrong]
+        titles = [f"val #{i}: mIoU {scores[i]:.3f}", "ground truth", "ensemble", "wrong pixels:\n" + "\n".join(confusions[:2])]
+        for ax, picture, title in zip(row, shown, titles):
+            if picture is shown[3]:
+                ax.imshow(picture, cmap="Reds", vmin=0, vmax=1)
+            elif picture is shown[0]:
+                ax.imshow(picture)
+            else:
+                ax.imshow(picture, cmap=colours, vmin=0, vmax=colours.N - 1, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    return _save(fig, directory, "worst_images.png"), worst
+
+
+def _top_confusions(truth: np.ndarray, predicted: np.ndarray, names: list[str], valid: int) -> list[str]:
+    """'true → predicted share' for the confusions covering the most pixels of an image."""
+    pairs, counts = np.unique(truth.astype(np.int64) * len(names) + predicted, return_counts=True)
+    top = np.argsort(counts)[::-1][:3]
+    return [f"{names[pairs[k] // len(names)]} → {names[pairs[k] % len(names)]} {counts[k] / max(valid, 1):.0%}"
+            for k in top]
+
+
 def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -> Path:
     """Renders the report; returns the path of report.html. ensemble_summary: an ensemble.json
     (default: EXPERIMENT/ensemble/ensemble.json, where ensemble_select.py writes it without --out)."""
@@ -212,6 +279,8 @@ def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -
     summary_path = ensemble_summary or experiment / "ensemble" / "ensemble.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     ensemble = ensemble_figures(summary, directory) if summary else []
+    has_cache = summary and all(Path(m.get("val_cache", "")).is_file() for m in summary["members"])
+    worst_figure, worst = worst_images(summary, directory) if has_cache else (None, [])
     sections = [
         ("Trials", _table(leaderboard_rows(trials))),
         ("Learning curves", _images([curves, progress])),
@@ -219,10 +288,14 @@ def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -
          or "<p>Too few trials or nothing varied: no importances.</p>"),
         ("Ensemble", _ensemble_text(summary) + _images(ensemble) if summary
          else "<p>No ensemble yet: run ensemble_select.py.</p>"),
+        ("Where the ensemble is most wrong", "<p>The val images with the lowest ensemble mIoU: image, ground "
+         "truth, prediction, wrong pixels, and the confusions that cost most there.</p>" + _images([worst_figure])
+         if worst_figure else "<p>Needs an ensemble whose members' val probabilities are cached (run "
+         "ensemble_select.py).</p>"),
     ]
     data = {"trials": [t.trial_id for t in trials], "metric": trials[0].metric, "curves": curve_data,
             "progress": progress_data, "importances": scores, "slices": slice_data,
-            "ensemble": bool(summary)}
+            "ensemble": bool(summary), "worst_images": worst}
     write_atomically(directory / "report.json", json.dumps(data, indent=2, default=str))
     path = directory / "report.html"
     write_atomically(path, _page(experiment.name, sections))

@@ -318,12 +318,16 @@ def test_ensemble_select_adds_the_ensemble_to_the_report(experiment):
     assert result.returncode == 0, result.stderr[-3000:]
     report = path / "report" / "report.html"
     images = _referenced_images(report)
-    assert {"ensemble_classes.png", "confusion.png"} <= set(images)
+    assert {"ensemble_classes.png", "confusion.png", "worst_images.png"} <= set(images)
     assert all((report.parent / name).is_file() for name in images)
     summary = json.loads((path / "ensemble" / "ensemble.json").read_text())
     confusion = np.asarray(summary["confusion"])
     assert confusion.shape == (len(summary["per_class_iou"]),) * 2 and confusion.sum() > 0
     assert "Ensemble inference" not in report.read_text() and f"{summary['val_miou']:.4f}" in report.read_text()
+    worst = json.loads((report.parent / "report.json").read_text())["worst_images"]
+    scores = [w["miou"] for w in worst]
+    assert 0 < len(worst) <= 6 and scores == sorted(scores) and all(0 <= v <= 1 for v in scores)
+    assert all(w["confusions"] and "→" in w["confusions"][0] for w in worst if w["miou"] < 1)
 
 
 def test_report_of_a_folder_that_is_not_an_experiment_is_a_one_line_error(tmp_path):
