@@ -7,7 +7,8 @@ phase, drawn from the space's seed, so the configs do not depend on results; the
     .venv/bin/python bench/asha.py [--data ../shared/datasets/trashcan-mini] [--space search_spaces/cpu_real.yaml]
 
 Last line: JSON with the trial-epochs each run used, their ratio (goal <= 0.40), each run's best val
-mIoU and the gap (goal: ASHA within 0.02 of FIFO), wall times, and whether the proposals matched.
+mIoU and the gap (goal: ASHA within 0.02 of FIFO), wall times (launch.py end to end; with --reuse,
+first trial start to last result), and whether the proposals matched.
 """
 from __future__ import annotations
 
@@ -34,10 +35,14 @@ def parse_args():
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--storage", type=Path, default=None,
-                        help="keep both experiments here (as fifo/ and asha/) instead of a temp folder")
+                        help="keep both experiments here (as runs/fifo and runs/asha) instead of a temp folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="summarise the experiments already under --storage instead of running them")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"error: dataset {args.data} not found (trashcan-mini lives in ../shared/datasets; pass --data)")
+    if args.reuse and not args.storage:
+        sys.exit("error: --reuse needs --storage")
     if args.trials > TPE_STARTUP_TRIALS:
         sys.exit(f"error: --trials must be <= {TPE_STARTUP_TRIALS} so that both runs get the same proposals")
     return args
@@ -45,8 +50,6 @@ def parse_args():
 
 def run(space: dict, scheduler: str, data: Path, work: Path) -> tuple[float, list]:
     """Runs launch.py with the space's scheduler set; returns (wall seconds, trials in creation order)."""
-    from ray.tune import ExperimentAnalysis
-
     space = {**space, "experiment": {**space["experiment"], "scheduler": scheduler}}
     path = work / f"{scheduler}-space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))  # `when` needs its parameter above it
@@ -57,8 +60,20 @@ def run(space: dict, scheduler: str, data: Path, work: Path) -> tuple[float, lis
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"launch.py ({scheduler}) failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    trials = sorted(ExperimentAnalysis(str(work / "runs" / scheduler)).trials, key=lambda t: t.trial_id)
-    return wall, trials
+    return wall, trials_of(work / "runs" / scheduler)
+
+
+def trials_of(experiment: Path) -> list:
+    """The experiment's trials in creation order (trial ids are random, not ordered)."""
+    from ray.tune import ExperimentAnalysis
+
+    return ExperimentAnalysis(str(experiment)).trials
+
+
+def search_seconds(trials: list) -> float:
+    """From the first trial's start to the last result (a kept experiment's wall time, less Ray's start)."""
+    results = [t.last_result for t in trials]
+    return max(r["timestamp"] for r in results) - min(r["timestamp"] - r["time_total_s"] for r in results)
 
 
 def searched(config: dict, names: set) -> dict:
@@ -78,8 +93,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         work = args.storage or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
-        fifo_wall, fifo = run(space, "fifo", args.data, work)
-        asha_wall, asha = run(space, "asha", args.data, work)
+        if args.reuse:
+            fifo, asha = trials_of(work / "runs" / "fifo"), trials_of(work / "runs" / "asha")
+            fifo_wall, asha_wall = search_seconds(fifo), search_seconds(asha)
+        else:
+            fifo_wall, fifo = run(space, "fifo", args.data, work)
+            asha_wall, asha = run(space, "asha", args.data, work)
     same = [searched(t.config, names) for t in fifo] == [searched(t.config, names) for t in asha]
     f, a = summary(fifo), summary(asha)
     print(f"{'':6}{'trial-epochs':>14}{'best val mIoU':>15}{'wall s':>9}")
