@@ -68,6 +68,7 @@ class Selection:
     val_miou: float = 0.0
     member_miou: list[float] = field(default_factory=list)
     member_conf: list[torch.Tensor] = field(default_factory=list)  # each member's own confusion matrix
+    confusion: torch.Tensor | None = None  # the selected ensemble's
 
     @property
     def weights(self) -> list[float]:
@@ -81,6 +82,7 @@ class ClassSelection:
     path: list[dict] = field(default_factory=list)  # {"round", "member", "class", "val_miou"} per step
     val_miou: float = 0.0
     start_miou: float = 0.0  # that of the ensemble it refined
+    confusion: torch.Tensor | None = None  # the refined ensemble's
 
     @property
     def weights(self) -> list[list[float]]:
@@ -135,9 +137,13 @@ class KeySpace:
             self.dtype, self.shift, offset = torch.int32, 256, 0
         self.base = (offset + self.shift - 1 - torch.arange(num_classes)).to(self.dtype).view(1, -1, 1, 1)
 
-    def keys(self, probs: torch.Tensor, count: int = 1) -> torch.Tensor:
-        """Keys of count x probs [N, C, H, W] (uint8)."""
-        return self.base.expand(probs.shape).clone().add_(probs, alpha=self.shift * count)
+    def keys(self, member_probs: list[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
+        """Keys of the sum of counts[m] x member_probs[m] ([N, C, H, W] uint8 each)."""
+        keys = self.base.expand(member_probs[0].shape).clone()
+        for probs, count in zip(member_probs, counts):
+            if count:
+                keys.add_(probs, alpha=self.shift * count)
+        return keys
 
     def class_of(self, keys: torch.Tensor) -> torch.Tensor:
         """The class a key stands for (uint8)."""
@@ -191,8 +197,9 @@ def greedy_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num
     member_conf = [scorer.confusion(space.member_labels(p, chunk)) for p in member_probs]
     member_miou = [mean_iou(conf) for conf in member_conf]
     first = int(np.argmax([m if ok else -1.0 for m, ok in zip(member_miou, allowed)]))
-    running = space.keys(member_probs[first])
+    running = space.keys([member_probs[first]], [1])
     path = [{"round": 1, "member": first, "val_miou": member_miou[first]}]
+    confs_on_path = [member_conf[first]]
     for round_index in range(2, max_rounds + 1):
         allowed = _within_budget(costs, budget, {step["member"] for step in path}, len(member_probs))
         confs = [_confusion_with(p, running, scorer, space, chunk) if ok else None
@@ -201,13 +208,14 @@ def greedy_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num
         best = int(np.argmax(scores))
         running.add_(member_probs[best], alpha=space.shift)
         path.append({"round": round_index, "member": best, "val_miou": scores[best]})
+        confs_on_path.append(confs[best])
     # Keep the best prefix (earliest on ties).
     best_len = max(range(len(path)), key=lambda i: (path[i]["val_miou"], -i)) + 1
     counts = [0] * len(member_probs)
     for step in path[:best_len]:
         counts[step["member"]] += 1
     return Selection(counts=counts, path=path, val_miou=path[best_len - 1]["val_miou"], member_miou=member_miou,
-                     member_conf=member_conf)
+                     member_conf=member_conf, confusion=confs_on_path[best_len - 1])
 
 
 def _within_budget(costs, budget, chosen: set, count: int) -> list[bool]:
@@ -242,10 +250,7 @@ def per_class_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, 
     """
     _check_quantized(member_probs)
     scorer, space = _Scorer(labels, num_classes), KeySpace(num_classes, sum(counts) + max_rounds)
-    running = space.base.expand(member_probs[0].shape).clone()
-    for member, count in enumerate(counts):
-        if count:
-            running.add_(member_probs[member], alpha=space.shift * count)
+    running = space.keys(member_probs, counts)
     top = space.top_in_chunks(running, chunk).reshape(-1)
     predicted = space.class_of(top)
     truth = scorer.truth.reshape(-1)
@@ -262,12 +267,13 @@ def per_class_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, 
             column = running[:, cls].reshape(-1)
             near = torch.nonzero((top.int() - column.int() < PROB_SCALE * space.shift) & (predicted != cls)).squeeze(1)
             image, pixel = near // image_size, near % image_size
-            near_top, near_label, near_truth, near_column = top[near], predicted[near], truth[near], column[near]
+            near_top, near_column = top[near].int(), column[near].int()
+            near_label, near_truth = predicted[near], truth[near]
             for member, probs in enumerate(member_probs):
                 if not allowed[member]:
                     continue
-                raised = near_column.int() + probs[:, cls].reshape(len(probs), -1)[image, pixel].int() * space.shift
-                switches = raised > near_top.int()
+                raised = near_column + probs[:, cls].reshape(len(probs), -1)[image, pixel].int() * space.shift
+                switches = raised > near_top
                 target = near_truth[switches]
                 candidate = scorer.moved(conf, target, near_label[switches], torch.full_like(target, cls))
                 candidate_score = mean_iou(candidate)
@@ -281,4 +287,5 @@ def per_class_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, 
         torch.maximum(top, running[:, cls].reshape(-1), out=top)  # only this class's keys rose
         predicted = space.class_of(top)
         path.append({"round": round_index, "member": member, "class": cls, "val_miou": score})
-    return ClassSelection(counts=class_counts, rounds=sum(counts), path=path, val_miou=score, start_miou=start)
+    return ClassSelection(counts=class_counts, rounds=sum(counts), path=path, val_miou=score, start_miou=start,
+                          confusion=conf)

@@ -22,7 +22,7 @@ from data_pipeline.submission import write_submission
 from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint
-from models.ensemble import (ClassSelection, OverBudget, Selection, ensemble_confusion, greedy_selection,
+from models.ensemble import (ClassSelection, OverBudget, Selection, greedy_selection,
                              has_weight, per_class_selection, quantize, weigh)
 from models.inference import predict_batch, predict_probs
 from models.metrics import iou_per_class
@@ -95,10 +95,9 @@ def load_val_cache(path: Path) -> torch.Tensor:
 
 
 def cached_val_probabilities(member: Member, data: DataSpec, size: int, device, tta: str,
-                             cache_dir: Path) -> tuple[torch.Tensor, bool]:
-    """val_probabilities, kept as a uint8 .npy in cache_dir (val_cache_path) and memory-mapped by
-    later runs. Returns (probabilities, whether they came from the cache)."""
-    path = val_cache_path(member, data, size, tta, cache_dir)
+                             path: Path) -> tuple[torch.Tensor, bool]:
+    """val_probabilities, kept as a uint8 .npy at path (val_cache_path) and memory-mapped by later
+    runs. Returns (probabilities, whether they came from the cache)."""
     if path.is_file():
         return load_val_cache(path), True
     probs = val_probabilities(member, data, size, device, tta)
@@ -114,7 +113,7 @@ class GroupEnsemble:
     data: DataSpec
     members: list[Member]
     selection: Selection
-    confusion: torch.Tensor  # the ensemble's on val
+    val_cache: list[Path]  # each member's cached val probabilities
     ms_per_image: list[float]  # each member's inference time per image
     class_selection: ClassSelection | None = None  # with --per-class
 
@@ -122,6 +121,11 @@ class GroupEnsemble:
     def ensemble_ms_per_image(self) -> float:
         """The members with a weight run one after another."""
         return sum(ms for ms, w in zip(self.ms_per_image, self.weights) if has_weight(w))
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        """The ensemble's on val."""
+        return (self.class_selection or self.selection).confusion
 
     @property
     def per_class_iou(self) -> np.ndarray:
@@ -148,7 +152,8 @@ def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root:
     log(f"Backbone {backbone}: {len(members)} candidate(s) " + ", ".join(m.trial.trial_id for m in members))
     labels = torch.from_numpy(np.array(val.masks))  # a copy: the cached maps are read-only
     num_classes = members[0].meta["num_classes"]
-    cached = [cached_val_probabilities(m, data, size, device, tta, cache_dir) for m in members]
+    paths = [val_cache_path(m, data, size, tta, cache_dir) for m in members]
+    cached = [cached_val_probabilities(m, data, size, device, tta, path) for m, path in zip(members, paths)]
     probs = [p for p, _ in cached]
     log(f"Val probabilities: {sum(hit for _, hit in cached)} of {len(cached)} read from {cache_dir}")
     ms = [inference_ms_per_image(m, data, size, device, tta) for m in members]
@@ -156,13 +161,11 @@ def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root:
     budget = {"costs": ms, "budget": latency_budget}
     selection = greedy_selection(probs, labels, num_classes, max_rounds=max_rounds, **budget)  # may raise OverBudget
     _log_selection(selection, members, log)
-    counts, refined = selection.counts, None
+    refined = None
     if per_class:
         refined = per_class_selection(probs, labels, num_classes, selection.counts, max_rounds=max_rounds, **budget)
         _log_class_selection(refined, members, members[0].meta["class_names"], log)
-        counts = refined.counts
-    confusion = ensemble_confusion(list(zip(counts, probs)), labels, num_classes)
-    group = GroupEnsemble(backbone, data, members, selection, confusion, ms, refined)
+    group = GroupEnsemble(backbone, data, members, selection, paths, ms, refined)
     log(f"Ensemble inference: {group.ensemble_ms_per_image:.1f} ms per image"
         + (f" (budget {latency_budget:g})" if latency_budget else ""))
     return group
@@ -230,9 +233,9 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
                      "weight": dict(zip(class_names, w)) if refined else w, "val_miou": v,
                      "per_class_iou": dict(zip(class_names, _nan_to_none(iou_per_class(conf)))),
                      "ms_per_image": ms, "train_val_miou": m.trial.best_val_miou,
-                     "val_cache": str(val_cache_path(m, data, size, tta, cache_dir))}
-                    for m, w, v, conf, ms in zip(members, group.weights, selection.member_miou, selection.member_conf,
-                                                 group.ms_per_image)],
+                     "val_cache": str(cache)}
+                    for m, w, v, conf, ms, cache in zip(members, group.weights, selection.member_miou,
+                                                        selection.member_conf, group.ms_per_image, group.val_cache)],
         "ms_per_image": group.ensemble_ms_per_image, "latency_budget_ms": latency_budget, "device": str(device),
         "submission": str(out), "test_images": rows, "seconds": round(time.perf_counter() - started, 1),
         "pseudo_labels": pseudo and {"file": str(pseudo_labels), "threshold": pseudo_threshold, **pseudo},

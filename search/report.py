@@ -203,6 +203,7 @@ def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
     from data_pipeline.trial_data import DataSpec
     from models.ensemble import has_weight, weigh
+    from models.inference import to_labels
     from search.ensemble_job import load_val_cache
 
     used = [m for m in summary["members"] if has_weight(_weight_values(m["weight"]))]
@@ -211,7 +212,7 @@ def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
     predictions = []
     for start in range(0, len(val), 8):
         total = sum(weigh(_weight_values(m["weight"]), probs[start:start + 8]) for m, probs in zip(used, caches))
-        predictions.append(total.max(dim=1).indices.to(torch.uint8).numpy())
+        predictions.append(to_labels(total).to(torch.uint8).numpy())
     return np.array(val.images), np.array(val.masks), np.concatenate(predictions)  # copies: the cache is read-only
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from models.ensemble import ensemble_miou, greedy_selection, per_class_selection, quantize
+from models.ensemble import ensemble_confusion, ensemble_miou, greedy_selection, per_class_selection, quantize
 
 
 def _one_hot_probs(labels, num_classes, noise, seed):
@@ -43,6 +43,7 @@ def test_selected_weights_reproduce_the_reported_score():
     members = [quantize(_one_hot_probs(labels, 3, float(n), n)) for n in (3, 4, 5)]
     selection = greedy_selection(members, labels, 3, max_rounds=5)
     assert abs(ensemble_miou(list(zip(selection.counts, members)), labels, 3) - selection.val_miou) < 1e-12
+    assert torch.equal(selection.confusion, ensemble_confusion(list(zip(selection.counts, members)), labels, 3))
     assert abs(sum(selection.weights) - 1) < 1e-12
 
 
@@ -129,6 +130,7 @@ def test_per_class_weights_let_a_rare_class_specialist_contribute_only_there():
     # the specialist weighs in on class 3 only; the scores it reports are the ones the weights give
     assert refined.counts[1][3] > refined.counts[1][1] == refined.counts[1][0]
     assert abs(ensemble_miou(list(zip(refined.counts, members)), labels, 4) - refined.val_miou) < 1e-12
+    assert torch.equal(refined.confusion, ensemble_confusion(list(zip(refined.counts, members)), labels, 4))
     steps = refined.path
     assert all(a["val_miou"] < b["val_miou"] for a, b in zip(steps, steps[1:]))
 
