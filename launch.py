@@ -100,11 +100,24 @@ def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], st
         if names != first_names:
             raise UserError(f"{data_root / first} and {data_root / ann} have different classes: "
                             f"{first_names} vs {names}")
+    _check_unknown_class(spec, first, first_names)
     for ann in d.pseudo_labels:  # in the search's classes (and Uncertain), or refused
         report, bad = _checked(data_root, ann, pseudo_class_map(first_names), skip_bad)
         skip += bad
         counts.append(f"{report.num_images - len(bad)} pseudo-labelled")
     return skip, " / ".join(counts) + " images", len(first_names)
+
+
+def _check_unknown_class(spec, ann: str, class_names) -> None:
+    """A space whose trials may treat UNKNOWN their own way needs an UNKNOWN class in the data."""
+    from data_pipeline.classes import ClassMap, unknown_label
+    from search.space import possible_values
+
+    treatments = sorted(set(possible_values(spec.params, "unknown")) - {"keep"})
+    if treatments and unknown_label(class_names, spec.class_map) is None:
+        names = ", ".join((spec.class_map or ClassMap()).unknown_names)
+        raise UserError(f"space.unknown: {treatments[0]} needs an UNKNOWN class, but {ann} has no category named "
+                        f"{names} (its classes: {', '.join(class_names)}); name it with the class map's unknown.names")
 
 
 def _checked(data_root: Path, ann: str, class_map, skip_bad: bool):

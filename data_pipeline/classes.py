@@ -145,6 +145,13 @@ def class_map_for(path: str | Path | None, unknown: str | None = None) -> ClassM
     return None if class_map == ClassMap() else class_map
 
 
+def unknown_label(class_names, class_map: ClassMap | None) -> int | None:
+    """The label of the UNKNOWN class among class_names (the first whose name is one of the class
+    map's unknown names), or None when the label space has none."""
+    names = (class_map or ClassMap()).unknown_names
+    return next((i for i, name in enumerate(class_names) if name.casefold() in names), None)
+
+
 @dataclass(frozen=True)
 class ResolvedClasses:
     """The classes of one annotation file under a class map."""

@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory:
     model.pt    state_dict, loadable with torch.load(..., weights_only=True)
-    model.json  decoder, backbone, num_classes, class_names, input_size, normalization, metrics, epoch
+    model.json  decoder, backbone, num_classes, class_names, input_size, normalization, metrics, epoch,
+                and for an open-set model `open_set`: unknown_label, rule, threshold, reject_label (models.open_set)
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def read_meta(directory: str | Path) -> dict:
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuilds the model described by model.json (random init) and loads the saved weights."""
     meta = read_meta(directory)
-    model = build_model(meta["decoder"], meta["backbone"], meta["num_classes"], encoder_weights=None)
+    model = build_model(meta["decoder"], meta["backbone"], meta["num_classes"], encoder_weights=None,
+                        unknown_label=(meta.get("open_set") or {}).get("unknown_label"))
     state = torch.load(Path(directory) / WEIGHTS_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), meta

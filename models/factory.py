@@ -29,6 +29,8 @@ from torch.overrides import TorchFunctionMode
 
 from errors import UserError
 
+from .open_set import with_known_class_head
+
 TIMM_PREFIX = "tu-"
 IMAGENET = "imagenet"  # for tu- encoders: timm's default pretrained tag of the model
 
@@ -381,9 +383,19 @@ def _reachable(host: str, port: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------- building
 
-def build_model(decoder: str, backbone: str, num_classes: int, encoder_weights: str | None = None) -> nn.Module:
+def build_model(decoder: str, backbone: str, num_classes: int, encoder_weights: str | None = None,
+                unknown_label: int | None = None) -> nn.Module:
     """Builds decoder(backbone) with num_classes outputs; random init when encoder_weights is None, else the
-    pretrained encoder from the local cache (see weights_file) — never random weights instead."""
+    pretrained encoder from the local cache (see weights_file) — never random weights instead.
+
+    unknown_label: an open-set model (models.open_set): it scores the other classes only, and its
+    output at unknown_label is a constant very low logit."""
+    if unknown_label is None:
+        return _build(decoder, backbone, num_classes, encoder_weights)
+    return with_known_class_head(_build(decoder, backbone, num_classes - 1, encoder_weights), unknown_label)
+
+
+def _build(decoder: str, backbone: str, num_classes: int, encoder_weights: str | None) -> nn.Module:
     decoder, backbone = check_decoder(decoder), check_backbone(backbone)
     check_pair(decoder, backbone)
     if encoder_weights is None:

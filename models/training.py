@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .inference import normalize, predict_batch, to_labels
 from .metrics import IGNORE_INDEX, confusion_matrix, image_mious, mean_iou, pixel_accuracy
+from .open_set import UnknownScoring, flagged_as_unknown, known_class_head
 
 
 def place_model(model: nn.Module, device, channels_last: bool = False) -> nn.Module:
@@ -72,20 +73,63 @@ def update_bn_statistics(model: nn.Module, loader, device, normalization: dict, 
         torch.optim.swa_utils.update_bn(inputs, model)
 
 
-def evaluate(model, loader, num_classes: int, device, normalization: dict) -> dict:
+def evaluate(model, loader, num_classes: int, device, normalization: dict,
+             unknown: UnknownScoring | None = None) -> dict:
     """val_miou (dataset), val_image_miou (mean of per-image mIoU), val_pixel_acc and val_loss (NLL of
-    the probabilities) over loader."""
+    the probabilities) over loader.
+
+    unknown: when the label space has an UNKNOWN class, also val_unknown_rejected and
+    val_known_rejected (the shares of UNKNOWN and of known pixels the model flags as UNKNOWN); for an
+    open-set model see evaluate_open_set."""
+    return _evaluate(model, loader, num_classes, device, normalization, unknown)[0]
+
+
+def evaluate_open_set(model, loader, num_classes: int, device, normalization: dict,
+                      unknown: UnknownScoring) -> tuple[dict, list[dict]]:
+    """evaluate() of an open-set model, whose pixels scoring below a threshold are rejected
+    (models.open_set): every metric is taken at the threshold with the best val mIoU, reported as
+    val_reject_threshold, with val_miou_no_reject beside it. Also returns the open-set curve (per
+    candidate threshold: miou, unknown_rejected, known_rejected)."""
+    return _evaluate(model, loader, num_classes, device, normalization, unknown)
+
+
+def _evaluate(model, loader, num_classes: int, device, normalization: dict, unknown: UnknownScoring | None):
+    sweep = unknown.sweep(num_classes) if unknown and unknown.open_set else None
+    head = known_class_head(model)
+    if sweep is not None and unknown.rule == "magnitude":
+        head.track_magnitude = True
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     nll, count = torch.zeros((), device=device), 0
     image_miou_sum, images_scored = torch.zeros((), dtype=torch.float64, device=device), 0
+    kept = []  # open set: (labels, score bins) per batch, to take image mIoU at the chosen threshold
     for images, masks in loader:
         probs = predict_batch(model, images, device=device, normalization=normalization)
         masks, labels = masks.to(device).long(), to_labels(probs)
+        scored = masks if sweep is None else torch.where(masks == unknown.unknown_label, IGNORE_INDEX, masks)
+        nll += F.nll_loss(probs.clamp_min(1e-8).log(), scored, ignore_index=IGNORE_INDEX, reduction="sum")
+        count += int((scored != IGNORE_INDEX).sum())
+        if sweep is not None:
+            scores = probs.max(dim=1).values if unknown.rule == "softmax" else head.magnitude
+            kept.append((labels.to(torch.uint8), sweep.add(masks, labels, scores).to(torch.uint8)))
+            continue
         conf += confusion_matrix(masks, labels, num_classes)
         per_image = image_mious(masks, labels, num_classes)
         image_miou_sum += per_image.nansum()
         images_scored += int((~per_image.isnan()).sum())
-        nll += F.nll_loss(probs.clamp_min(1e-8).log(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
-        count += int((masks != IGNORE_INDEX).sum())
+    metrics, curve = {}, []
+    if sweep is not None:
+        best = sweep.best()
+        conf = sweep.confusions()[best]
+        for (labels, bins), (_, masks) in zip(kept, loader):
+            per_image = image_mious(masks.to(device).long(), sweep.labels_at(labels, bins, best), num_classes)
+            image_miou_sum += per_image.nansum()
+            images_scored += int((~per_image.isnan()).sum())
+        curve = sweep.curve()
+        metrics = {"val_reject_threshold": curve[best]["threshold"], "val_miou_no_reject": curve[0]["miou"],
+                   "val_unknown_rejected": curve[best]["unknown_rejected"],
+                   "val_known_rejected": curve[best]["known_rejected"]}
+    elif unknown is not None:
+        flagged = flagged_as_unknown(conf, unknown.unknown_label)
+        metrics = dict(zip(("val_unknown_rejected", "val_known_rejected"), flagged))
     return {"val_miou": mean_iou(conf), "val_image_miou": image_miou_sum.item() / max(images_scored, 1),
-            "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll.item() / max(count, 1)}
+            "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll.item() / max(count, 1), **metrics}, curve

@@ -26,6 +26,7 @@ from models.ensemble import (ClassSelection, OverBudget, Selection, greedy_selec
                              has_weight, per_class_selection, quantize, weigh)
 from models.inference import predict_batch, predict_probs
 from models.metrics import iou_per_class
+from models.open_set import SOFTMAX_THRESHOLDS, ThresholdSweep
 
 from .experiment import TrialRecord, ranked, read_trials
 
@@ -116,6 +117,7 @@ class GroupEnsemble:
     val_cache: list[Path]  # each member's cached val probabilities
     ms_per_image: list[float]  # each member's inference time per image
     class_selection: ClassSelection | None = None  # with --per-class
+    rejection: dict | None = None  # with open-set members: unknown_label, reject_label, threshold, curve, ...
 
     @property
     def ensemble_ms_per_image(self) -> float:
@@ -124,7 +126,9 @@ class GroupEnsemble:
 
     @property
     def confusion(self) -> torch.Tensor:
-        """The ensemble's on val."""
+        """The ensemble's on val (with rejection, at its threshold)."""
+        if self.rejection:
+            return self.rejection["confusion"]
         return (self.class_selection or self.selection).confusion
 
     @property
@@ -133,6 +137,8 @@ class GroupEnsemble:
 
     @property
     def val_miou(self) -> float:
+        if self.rejection:
+            return self.rejection["curve"][self.rejection["index"]]["miou"]
         return (self.class_selection or self.selection).val_miou
 
     @property
@@ -166,6 +172,7 @@ def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root:
         refined = per_class_selection(probs, labels, num_classes, selection.counts, max_rounds=max_rounds, **budget)
         _log_class_selection(refined, members, members[0].meta["class_names"], log)
     group = GroupEnsemble(backbone, data, members, selection, paths, ms, refined)
+    group.rejection = _ensemble_rejection(members, probs, group.weights, labels, num_classes, log)
     log(f"Ensemble inference: {group.ensemble_ms_per_image:.1f} ms per image"
         + (f" (budget {latency_budget:g})" if latency_budget else ""))
     return group
@@ -213,7 +220,8 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
     kept = []  # (file_name, labels, confident) per test image, for the pseudo-labels
 
     def submission_rows():
-        for file_name, labels, confidence in _predict_test(members, group.weights, data, size, device, tta):
+        for file_name, labels, confidence in _predict_test(members, group.weights, data, size, device, tta,
+                                                           group.rejection):
             if pseudo_labels:
                 kept.append((file_name, labels, confidence >= pseudo_threshold))
             yield file_name, labels
@@ -239,6 +247,7 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
         "ms_per_image": group.ensemble_ms_per_image, "latency_budget_ms": latency_budget, "device": str(device),
         "submission": str(out), "test_images": rows, "seconds": round(time.perf_counter() - started, 1),
         "pseudo_labels": pseudo and {"file": str(pseudo_labels), "threshold": pseudo_threshold, **pseudo},
+        "open_set": group.rejection and {k: v for k, v in group.rejection.items() if k not in ("confusion", "index")},
     }
     write_atomically(out.with_name("ensemble.json"), json.dumps(summary, indent=2, default=str))
     return summary
@@ -253,6 +262,30 @@ def _write_pseudo_labels(path: Path, data: DataSpec, kept: list, class_names: li
     counts = write_pseudo_labels(path, images, ((labels, confident) for _, labels, confident in kept), class_names)
     log(f"Pseudo-labels: {path} ({counts['images']} images, {counts['confident_share']:.0%} of pixels confident)")
     return counts
+
+
+def _ensemble_rejection(members: list[Member], probs: list[torch.Tensor], weights: list, labels: torch.Tensor,
+                        num_classes: int, log, chunk: int = 8) -> dict | None:
+    """With open-set members given weight (models.open_set): the threshold on the ensemble's top-class share below
+    which a pixel is rejected, chosen on val for the best mIoU. The members' own rules (magnitude
+    among them) do not combine across models; the ensemble's probabilities do."""
+    open_set = [m.meta["open_set"] for m, w in zip(members, weights) if m.meta.get("open_set") and has_weight(w)]
+    if not open_set:
+        return None
+    unknown, reject = open_set[0]["unknown_label"], open_set[0]["reject_label"]
+    sweep = ThresholdSweep(SOFTMAX_THRESHOLDS, num_classes, unknown, reject)
+    used = [(p, w) for p, w in zip(probs, weights) if has_weight(w)]
+    for start in range(0, len(labels), chunk):
+        total = sum(weigh(w, p[start:start + chunk]) for p, w in used)
+        share, predicted = (total / total.sum(dim=1, keepdim=True)).max(dim=1)
+        sweep.add(labels[start:start + chunk], predicted, share)
+    index = sweep.best()
+    curve = sweep.curve()
+    log(f"Open-set rejection: top-class share below {curve[index]['threshold']:.2f} -> label {reject}; val mIoU "
+        f"{curve[index]['miou']:.4f} (without rejection {curve[0]['miou']:.4f}), UNKNOWN pixels rejected "
+        f"{curve[index]['unknown_rejected']:.1%}, known pixels rejected {curve[index]['known_rejected']:.1%}")
+    return {"unknown_label": unknown, "reject_label": reject, "threshold": curve[index]["threshold"],
+            "index": index, "curve": curve, "confusion": sweep.confusions()[index]}
 
 
 def _backbones_by_rank(trials: list[TrialRecord]) -> list[str]:
@@ -291,9 +324,11 @@ def _log_selection(selection: Selection, members: list[Member], log) -> None:
     log(f"Ensemble val mIoU {selection.val_miou:.4f} (best single {max(selection.member_miou):.4f}); weights {weights}")
 
 
-def _predict_test(members: list[Member], weights: list, data: DataSpec, size: int, device, tta: str):
+def _predict_test(members: list[Member], weights: list, data: DataSpec, size: int, device, tta: str,
+                  rejection: dict | None = None):
     """Yields (file_name, uint8 label map, float32 confidence map) per test image, one batch of all
-    members at a time; the confidence is the top class's share of the weighted probability sum."""
+    members at a time; the confidence is the top class's share of the weighted probability sum. With
+    rejection, pixels whose confidence is below its threshold get its reject label."""
     used = [(m, w) for m, w in zip(members, weights) if has_weight(w)]
     loaders = [_loader(data.load(data.test, m.meta["input_size"][0], with_masks=False)) for m, _ in used]
     file_names = loaders[0].dataset.split.file_names
@@ -302,6 +337,8 @@ def _predict_test(members: list[Member], weights: list, data: DataSpec, size: in
         total = sum(weigh(w, predict_batch(m.model, b[0], (size, size), device, tta, m.meta["normalization"]))
                     for (m, w), b in zip(used, batches))
         confidence, labels = (total / total.sum(dim=1, keepdim=True)).max(dim=1)
+        if rejection:
+            labels[confidence < rejection["threshold"]] = rejection["reject_label"]
         for label_map, confidence_map in zip(labels.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()):
             yield file_names[index], label_map, confidence_map
             index += 1

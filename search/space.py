@@ -7,6 +7,7 @@ A space file has three sections:
     data:       train, val, test: annotation files relative to the data root
                 split: given (train/val files) | kfold (fold `fold` of `folds` over train_all, split_seed)
                 class_map: a class-map YAML (relative to this file), unknown: keep | background | ignore
+                  (what the label space makes of UNKNOWN; space.unknown is how each trial trains on it)
                 pseudo_labels: [files] written by ensemble_select.py --pseudo-labels, added to training
     space:      one entry per trial parameter:
                   lr: 0.001                                   fixed value
@@ -31,6 +32,7 @@ from errors import UserError
 from models.factory import check_backbone, check_decoder, check_pair, check_weights
 from models.losses import LOSS_PARAMS, LOSSES, parse_loss
 from models.metrics import METRIC_MODES
+from models.open_set import OPEN_SET_PARAMS
 from models.optim import TRAINING_PARAMS
 from yaml_file import load_yaml
 
@@ -84,6 +86,7 @@ TRIAL_PARAMS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "sampler": (_one_of(SAMPLERS), "uniform"),
     "fold": (_fold, 0),  # used with data.split: kfold
     **TRAINING_PARAMS,
+    **OPEN_SET_PARAMS,
 }
 
 
@@ -196,6 +199,7 @@ def _parse(raw, source: str) -> SearchSpec:
         params.append(_parse_param(name, spec, {p.name for p in params}))
     _check_folds(params, data)
     _check_models(params)
+    _check_unknown_treatment(params, class_map)
     return SearchSpec(source, experiment, data, tuple(params), class_map)
 
 
@@ -273,7 +277,16 @@ def _check_folds(params: list[Param], d: DataSettings) -> None:
                         f"got {max(fold.values)}")
 
 
-def _possible_values(params: list[Param], name: str) -> list:
+def _check_unknown_treatment(params: list[Param], class_map: ClassMap | None) -> None:
+    """Trials can treat UNKNOWN pixels their own way only where the masks keep them as a class."""
+    policy = class_map.unknown_policy if class_map else "keep"
+    treatments = set(possible_values(params, "unknown")) - {"keep"}
+    if treatments and policy != "keep":
+        raise UserError(f"space.unknown: {sorted(treatments)[0]} needs the UNKNOWN pixels kept as a class, but the "
+                        f"data settings make them {policy} (data.unknown or the class map's unknown.policy)")
+
+
+def possible_values(params: list[Param], name: str) -> list:
     """Every value a parameter can take (its default when the space leaves it out); ranges give
     their bounds."""
     param = next((p for p in params if p.name == name), None)
@@ -283,12 +296,12 @@ def _possible_values(params: list[Param], name: str) -> list:
 def _check_models(params: list[Param]) -> None:
     """Every decoder x backbone pair the space can propose must be buildable at its smallest input
     size (built on the meta device: no weights), and every weights name must exist for its backbone."""
-    size = min(_possible_values(params, "resize"))
-    backbones = _possible_values(params, "backbone")
+    size = min(possible_values(params, "resize"))
+    backbones = possible_values(params, "backbone")
     try:
-        for decoder, backbone in itertools.product(_possible_values(params, "decoder"), backbones):
+        for decoder, backbone in itertools.product(possible_values(params, "decoder"), backbones):
             check_pair(decoder, backbone, size)
-        for backbone, weights in itertools.product(backbones, _possible_values(params, "encoder_weights")):
+        for backbone, weights in itertools.product(backbones, possible_values(params, "encoder_weights")):
             check_weights(backbone, weights)
     except UserError as exc:
         raise UserError(f"space: {exc}") from None

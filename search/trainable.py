@@ -27,16 +27,19 @@ import torch.nn as nn
 from ray import tune
 from torch.optim.swa_utils import AveragedModel
 
+from data_pipeline.classes import ClassMap, unknown_label
 from data_pipeline.dataset import SegmentationDataset, make_loader
 from data_pipeline.imbalance import build_sampler, class_pixel_frequencies, class_weights
 from data_pipeline.trial_data import DataSpec
 from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
 from models.factory import NORMALIZATION, build_model
+from errors import UserError
 from models.losses import build_loss
 from models.metrics import METRIC_MODES
+from models.open_set import UnknownScoring, open_set_loss
 from models.optim import (build_optimizer, build_scaler, build_scheduler, resolve_amp, resolve_channels_last,
                           setting)
-from models.training import evaluate, place_model, train_epoch, update_bn_statistics
+from models.training import evaluate, evaluate_open_set, place_model, train_epoch, update_bn_statistics
 
 from .space import trial_defaults
 
@@ -65,6 +68,7 @@ class Trial:
     channels_last: bool
     swa: AveragedModel | None  # the weight average, when swa_epochs > 0
     swa_epochs: int
+    unknown: UnknownScoring | None  # how val treats the UNKNOWN class, when the label space has one
     epoch: int = 0  # epochs done
     best: float = math.nan  # best value so far of the ranking metric (cfg["metric"])
     best_val_miou: float = -math.inf  # reported too, whatever the ranking metric
@@ -123,8 +127,11 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
     device = device or _device()
 
     resize = cfg["resize"]
-    train_split, val_split = DataSpec.from_config(cfg).train_val(resize)
+    data = DataSpec.from_config(cfg)
+    train_split, val_split = data.train_val(resize)
     num_classes = len(train_split.class_names)
+    unknown = _unknown_label(cfg["unknown"], train_split.class_names, data)
+    open_set = cfg["unknown"] == "open_set"
     generator = torch.Generator().manual_seed(cfg.get("seed", 0))
     sampler = build_sampler(cfg["sampler"], train_split.masks, num_classes, generator)
     train_loader = make_loader(
@@ -137,9 +144,16 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
     if note:
         log.warning(note)  # once per trial, in its log
     channels_last = resolve_channels_last(cfg, device)
-    model = place_model(build_model(cfg["decoder"], cfg["backbone"], num_classes, cfg["encoder_weights"]),
-                        device, channels_last)
-    loss_fn = build_loss(cfg, _class_weights(cfg["class_weights"], train_split.masks, num_classes)).to(device)
+    model = place_model(build_model(cfg["decoder"], cfg["backbone"], num_classes, cfg["encoder_weights"],
+                                    unknown_label=unknown if open_set else None), device, channels_last)
+    weights = _class_weights(cfg["class_weights"], train_split.masks, num_classes)
+    if open_set and weights is not None:  # the loss of the known pixels is over the known classes
+        weights = torch.cat([weights[:unknown], weights[unknown + 1:]])
+    loss_fn = build_loss(cfg, weights)
+    if unknown is not None:
+        loss_fn = open_set_loss(cfg["unknown"], loss_fn, unknown, model, cfg)
+    loss_fn = loss_fn.to(device)
+    scoring = UnknownScoring.of_trial(cfg, unknown)
     optimizer = build_optimizer(model, cfg)
     swa_epochs = min(setting(cfg, "swa_epochs"), cfg["max_epochs"])
     meta = {
@@ -148,11 +162,22 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
         "input_size": [resize, resize], "normalization": NORMALIZATION,
         "val_images": list(val_split.file_names), "config": cfg,
     }
+    if open_set:
+        meta["open_set"] = {"unknown_label": unknown, "rule": scoring.rule, "reject_label": scoring.reject_label}
     return Trial(cfg=cfg, device=device, model=model, loss_fn=loss_fn, optimizer=optimizer,
                  scheduler=build_scheduler(optimizer, cfg, len(train_loader)), scaler=build_scaler(amp, device),
                  train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, meta=meta,
                  amp=amp, channels_last=channels_last, swa=AveragedModel(model) if swa_epochs else None,
-                 swa_epochs=swa_epochs)
+                 swa_epochs=swa_epochs, unknown=scoring)
+
+
+def _unknown_label(treatment: str, class_names, data: DataSpec) -> int | None:
+    label = unknown_label(class_names, data.classes())
+    if label is None and treatment != "keep":
+        names = ", ".join((data.classes() or ClassMap()).unknown_names)
+        raise UserError(f"unknown: {treatment} needs an UNKNOWN class (a category named {names}); "
+                        f"the classes are {', '.join(class_names)}")
+    return label
 
 
 def run_epochs(trial: Trial, report: Report) -> None:
@@ -164,7 +189,7 @@ def run_epochs(trial: Trial, report: Report) -> None:
                                  NORMALIZATION, scheduler=trial.scheduler, amp=trial.amp, scaler=trial.scaler,
                                  grad_clip=setting(trial.cfg, "grad_clip"), channels_last=trial.channels_last)
         scored = _average_weights(trial) if trial.swa_active(epoch) else trial.model
-        val = evaluate(scored, trial.val_loader, trial.num_classes, trial.device, NORMALIZATION)
+        val, curve = _evaluate(trial, scored)
         trial.epoch = epoch
         metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": time.perf_counter() - started}
         metrics.update(_placement())
@@ -175,10 +200,18 @@ def run_epochs(trial: Trial, report: Report) -> None:
         metrics.update({f"best_{trial.metric}": trial.best, "best_val_miou": trial.best_val_miou})
         if improved:
             with tempfile.TemporaryDirectory() as directory:
-                save_trial_checkpoint(trial, scored, val, directory)
+                save_trial_checkpoint(trial, scored, val, directory, curve)
                 report(metrics, directory)
         else:
             report(metrics, None)
+
+
+def _evaluate(trial: Trial, model: nn.Module) -> tuple[dict, list[dict]]:
+    """Val metrics, and for an open-set trial its open-set curve (else [])."""
+    args = (model, trial.val_loader, trial.num_classes, trial.device, NORMALIZATION, trial.unknown)
+    if trial.unknown is not None and trial.unknown.open_set:
+        return evaluate_open_set(*args)
+    return evaluate(*args), []
 
 
 def _placement() -> dict:
@@ -196,10 +229,14 @@ def _average_weights(trial: Trial) -> nn.Module:
     return trial.swa.module
 
 
-def save_trial_checkpoint(trial: Trial, scored: nn.Module, val: dict, directory: str | Path) -> None:
+def save_trial_checkpoint(trial: Trial, scored: nn.Module, val: dict, directory: str | Path,
+                          curve: list[dict] | None = None) -> None:
     """model.pt: the weights that scored val (the averaged ones in SWA epochs, without AveragedModel's
-    `module.` prefix), model.json, and train_state.pt: what a restore needs to go on training."""
+    `module.` prefix), model.json, and train_state.pt: what a restore needs to go on training. An
+    open-set model's model.json holds its rejection threshold and open-set curve on val."""
     meta = {**trial.meta, "epoch": trial.epoch, "metrics": val, "best_val_miou": trial.best_val_miou}
+    if "open_set" in meta:
+        meta["open_set"] = {**meta["open_set"], "threshold": val["val_reject_threshold"], "curve": curve or []}
     state = {"optimizer": trial.optimizer.state_dict(), "scheduler": trial.scheduler.state_dict(),
              "scaler": trial.scaler.state_dict()}
     if scored is not trial.model:
