@@ -11,6 +11,9 @@ report.json, the numbers behind every figure:
   focal gamma, augmentation and resize;
 - the ensemble (when ensemble_select.py has run): per-class IoU of the ensemble and of each member,
   and the ensemble's val confusion matrix;
+- UNKNOWN (when the label space has that class): per trial, the shares of UNKNOWN and of known val
+  pixels it flags as UNKNOWN (predicted, or rejected by an open-set model), by treatment; and the
+  open-set curves (every rejection threshold) of the open-set trials and of the ensemble;
 - error analysis: the val images where the ensemble's mIoU is lowest, as image / ground truth /
   prediction / error map, with the confusions that cost most pixels there (from the members'
   cached val probabilities, no model is run).
@@ -39,7 +42,7 @@ from .experiment import TrialRecord, is_experiment, leaderboard_rows, read_trial
 from .space import TRIAL_PARAMS  # noqa: E402
 
 REPORT_DIR = "report"
-SLICED = ("decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize")
+SLICED = ("decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize", "unknown")
 
 
 def histories(experiment: Path) -> dict[str, list[dict]]:
@@ -196,6 +199,51 @@ def ensemble_figures(summary: dict, directory: Path) -> list[str]:
     return figures
 
 
+def unknown_figure(trials: list[TrialRecord], summary: dict | None, directory: Path) -> tuple[str | None, dict]:
+    """Left: each trial's shares of UNKNOWN and of known val pixels flagged as UNKNOWN, by treatment.
+    Right: the open-set curves (share of UNKNOWN rejected against share of known rejected, one point
+    per threshold) of the best open-set trials and of the ensemble, their chosen thresholds marked."""
+    from models.checkpoint import read_meta
+
+    metas = {t.trial_id: read_meta(t.checkpoint) for t in trials if t.checkpoint}
+    flagged = {tid: m["metrics"] for tid, m in metas.items() if "val_unknown_rejected" in m["metrics"]}
+    if not flagged:
+        return None, {}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    data = {"trials": {}, "curves": {}}
+    by_treatment: dict[str, list] = {}
+    for t in trials:
+        if t.trial_id in flagged:
+            metrics = flagged[t.trial_id]
+            point = (metrics["val_known_rejected"], metrics["val_unknown_rejected"], metrics["val_miou"])
+            by_treatment.setdefault(t.config.get("unknown", "keep"), []).append(point)
+            data["trials"][t.trial_id] = dict(zip(("known_flagged", "unknown_flagged", "val_miou"), point))
+    for treatment, points in sorted(by_treatment.items()):
+        left.scatter([p[0] for p in points], [p[1] for p in points], alpha=0.8,
+                     label=f"{treatment} (best val mIoU {max(p[2] for p in points):.3f})")
+    left.set(xlabel="known val pixels flagged UNKNOWN", ylabel="UNKNOWN val pixels flagged UNKNOWN",
+             title="UNKNOWN by treatment (best checkpoint of each trial)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    left.legend(fontsize=8)
+    curves = [(tid, m["open_set"]) for tid, m in metas.items() if m.get("open_set", {}).get("curve")]
+    curves = sorted(curves, key=lambda c: -metas[c[0]]["metrics"]["val_miou"])[:4]
+    if summary and summary.get("open_set"):
+        curves.append(("ensemble", summary["open_set"]))
+    for name, rule in curves:
+        points = rule["curve"]
+        chosen = min(points, key=lambda p: abs(p["threshold"] - rule["threshold"]))
+        line, = right.plot([p["known_rejected"] for p in points], [p["unknown_rejected"] for p in points],
+                           label=f"{name} (t={rule['threshold']:.3g})")
+        right.plot(chosen["known_rejected"], chosen["unknown_rejected"], "o", color=line.get_color())
+        data["curves"][name] = {"threshold": rule["threshold"], "chosen": chosen}
+    right.set(xlabel="known val pixels rejected", ylabel="UNKNOWN val pixels rejected",
+              title="Open-set curves (dot: threshold of the best val mIoU)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    if curves:
+        right.legend(fontsize=7)
+    else:
+        right.set_visible(False)
+    return _save(fig, directory, "unknown.png"), data
+
+
 def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(val images uint8 [N, S, S, 3], val labels [N, S, S], ensemble predictions [N, S, S]) at the
     submission size, from the members' cached val probabilities and the ensemble's weights."""
@@ -209,10 +257,15 @@ def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
     used = [m for m in summary["members"] if has_weight(_weight_values(m["weight"]))]
     val = DataSpec.from_config(used[0]["config"], summary["data_root"]).val_split(summary["size"])
     caches = [load_val_cache(Path(m["val_cache"])) for m in used]
+    rejection = summary.get("open_set")
     predictions = []
     for start in range(0, len(val), 8):
         total = sum(weigh(_weight_values(m["weight"]), probs[start:start + 8]) for m, probs in zip(used, caches))
-        predictions.append(to_labels(total).to(torch.uint8).numpy())
+        labels = to_labels(total)
+        if rejection:  # as ensemble_select.py does: a top-class share below the threshold is rejected
+            share = total.max(dim=1).values / total.sum(dim=1)
+            labels[share < rejection["threshold"]] = rejection["reject_label"]
+        predictions.append(labels.to(torch.uint8).numpy())
     return np.array(val.images), np.array(val.masks), np.concatenate(predictions)  # copies: the cache is read-only
 
 
@@ -282,6 +335,7 @@ def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -
     ensemble = ensemble_figures(summary, directory) if summary else []
     has_cache = summary and all(Path(m.get("val_cache", "")).is_file() for m in summary["members"])
     worst_figure, worst = worst_images(summary, directory) if has_cache else (None, [])
+    unknown, unknown_data = unknown_figure(trials, summary, directory)
     sections = [
         ("Trials", _table(leaderboard_rows(trials))),
         ("Learning curves", _images([curves, progress])),
@@ -289,6 +343,9 @@ def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -
          or "<p>Too few trials or nothing varied: no importances.</p>"),
         ("Ensemble", _ensemble_text(summary) + _images(ensemble) if summary
          else "<p>No ensemble yet: run ensemble_select.py.</p>"),
+        *([("UNKNOWN", "<p>How each trial treats the UNKNOWN class: the shares of UNKNOWN and of known val "
+            "pixels it labels UNKNOWN, and for open-set models every rejection threshold.</p>" + _images([unknown]))]
+          if unknown else []),
         ("Where the ensemble is most wrong", "<p>The val images with the lowest ensemble mIoU: image, ground "
          "truth, prediction, wrong pixels, and the confusions that cost most there.</p>" + _images([worst_figure])
          if worst_figure else "<p>Needs an ensemble whose members' val probabilities are cached (run "
@@ -296,7 +353,7 @@ def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -
     ]
     data = {"trials": [t.trial_id for t in trials], "metric": trials[0].metric, "curves": curve_data,
             "progress": progress_data, "importances": scores, "slices": slice_data,
-            "ensemble": bool(summary), "worst_images": worst}
+            "ensemble": bool(summary), "worst_images": worst, "unknown": unknown_data}
     write_atomically(directory / "report.json", json.dumps(data, indent=2, default=str))
     path = directory / "report.html"
     write_atomically(path, _page(experiment.name, sections))

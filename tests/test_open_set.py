@@ -278,6 +278,14 @@ def test_each_unknown_treatment_runs_end_to_end_in_a_search(policy_search):
         assert 0 <= metrics["val_miou"] <= 1 and 0 <= metrics["val_unknown_rejected"] <= 1, t.config["unknown"]
         assert ("val_reject_threshold" in metrics) == (t.config["unknown"] == "open_set")
         assert 0 <= metrics["val_known_rejected"] <= 1
+    # the report shows each trial's UNKNOWN shares and the open-set trial's curve
+    from search.report import write_report
+
+    report = json.loads((write_report(experiment).parent / "report.json").read_text())
+    assert set(report["unknown"]["trials"]) == {t.trial_id for t in trials}
+    [open_set] = [t for t in trials if t.config["unknown"] == "open_set"]
+    assert list(report["unknown"]["curves"]) == [open_set.trial_id]
+    assert (experiment / "report" / "unknown.png").is_file() and "unknown" in report["slices"]
 
 
 def test_an_open_set_ensemble_rejects_in_the_submission(policy_search, sample_root, tmp_path):
@@ -301,6 +309,8 @@ def test_an_open_set_ensemble_rejects_in_the_submission(policy_search, sample_ro
     assert rejection["unknown_label"] == 10 and rejection["reject_label"] == 10
     point = rejection["curve"][round(rejection["threshold"] * 100)]
     assert point["threshold"] == rejection["threshold"] and point["miou"] == pytest.approx(summary["val_miou"])
+    report = json.loads((work / "runs" / "open" / "report" / "report.json").read_text())
+    assert report["unknown"]["curves"]["ensemble"]["threshold"] == rejection["threshold"]
     labels = np.concatenate([row for _, row in read_submission(out)])
     # the model itself never predicts UNKNOWN (its probability is 0): only rejection writes label 10
     [trial] = read_trials(work / "runs" / "open")
