@@ -104,19 +104,27 @@ def ranked(trials: list[TrialRecord]) -> list[TrialRecord]:
 
 def leaderboard_rows(trials: list[TrialRecord]) -> list[dict]:
     """One row per trial, best first by the experiment's metric; trials that never reported last.
-    A metric other than val mIoU gets a column of its own after best_val_miou."""
+    A metric other than val mIoU gets a column of its own after best_val_miou, and UNKNOWN
+    treatments one after lr when a trial does not keep UNKNOWN as a class."""
     rows = []
+    treatments = any(t.config.get("unknown", "keep") != "keep" for t in trials)
     for t in sorted(trials, key=TrialRecord.sort_key):
         c = {**trial_defaults(), **t.config}
         rows.append({
             "trial_id": t.trial_id, "decoder": c.get("decoder", ""), "backbone": c.get("backbone", ""),
             "loss": loss_label(c["loss"]), "focal_gamma": _fmt(c["focal_gamma"]) if _uses_focal(c["loss"]) else "",
             "augmentation": c.get("augmentation", ""), "resize": c.get("resize", ""), "lr": _fmt(c.get("lr")),
+            **({"unknown": _treatment(c)} if treatments else {}),
             "best_val_miou": _score(t.best_val_miou),
             **({f"best_{t.metric}": _score(t.best)} if t.metric != "val_miou" else {}),
             "epochs": t.epochs, "status": t.status, "time_s": f"{t.time_s:.1f}",
         })
     return rows
+
+
+def _treatment(config: dict) -> str:
+    margin = config.get("objectosphere_margin") if config["unknown"] == "open_set" else None
+    return config["unknown"] if margin is None else f"open_set+objectosphere({_fmt(margin)})"
 
 
 def _uses_focal(loss) -> bool:

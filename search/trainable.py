@@ -31,9 +31,9 @@ from data_pipeline.classes import ClassMap, unknown_label
 from data_pipeline.dataset import SegmentationDataset, make_loader
 from data_pipeline.imbalance import build_sampler, class_pixel_frequencies, class_weights
 from data_pipeline.trial_data import DataSpec
+from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
 from models.factory import NORMALIZATION, build_model
-from errors import UserError
 from models.losses import build_loss
 from models.metrics import METRIC_MODES
 from models.open_set import UnknownScoring, open_set_loss

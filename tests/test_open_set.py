@@ -278,6 +278,9 @@ def test_each_unknown_treatment_runs_end_to_end_in_a_search(policy_search):
         assert 0 <= metrics["val_miou"] <= 1 and 0 <= metrics["val_unknown_rejected"] <= 1, t.config["unknown"]
         assert ("val_reject_threshold" in metrics) == (t.config["unknown"] == "open_set")
         assert 0 <= metrics["val_known_rejected"] <= 1
+    from search.experiment import leaderboard_rows
+
+    assert sorted(row["unknown"] for row in leaderboard_rows(trials)) == ["background", "ignore", "keep", "open_set"]
     # the report shows each trial's UNKNOWN shares and the open-set trial's curve
     from search.report import write_report
 
@@ -315,3 +318,35 @@ def test_an_open_set_ensemble_rejects_in_the_submission(policy_search, sample_ro
     # the model itself never predicts UNKNOWN (its probability is 0): only rejection writes label 10
     [trial] = read_trials(work / "runs" / "open")
     assert ((labels == 10).any()) == (rejection["threshold"] > 0) and trial.config["unknown"] == "open_set"
+
+
+def test_the_space_refuses_treatments_where_the_masks_lose_unknown(tmp_path):
+    from errors import UserError
+    from search.space import load_space
+
+    body = "space:\n  unknown: {choice: [keep, open_set]}\n  objectosphere_margin: {choice: [null, 5.0], when: {unknown: open_set}}\n"
+    assert [p.name for p in load_space(_space(tmp_path, body)).params][:2] == ["unknown", "objectosphere_margin"]
+    with pytest.raises(UserError, match=r"space.unknown: open_set needs the UNKNOWN pixels kept as a class, but the "
+                                        r"data settings make them ignore"):
+        load_space(_space(tmp_path, "data: {unknown: ignore}\n" + body))
+    with pytest.raises(UserError, match=r"space.unknown.choice: unknown value 'reject'"):
+        load_space(_space(tmp_path, "space:\n  unknown: {choice: [keep, reject]}\n"))
+    with pytest.raises(UserError, match=r"space.objectosphere_margin: expected a number > 0"):
+        load_space(_space(tmp_path, "space:\n  objectosphere_margin: -1\n"))
+
+
+def _space(tmp_path, text: str):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_launch_refuses_open_set_on_data_without_an_unknown_class(sample_root, tmp_path):
+    from .conftest import run_cli
+
+    result = run_cli("launch.py", "--dry-run", "--data", sample_root, "--storage", tmp_path / "runs",
+                     "--space", _space(tmp_path, "space:\n  unknown: open_set\n  resize: 64\n"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: space.unknown: open_set needs an UNKNOWN class, but train.json has no category named unknown")
+    assert not (tmp_path / "runs").exists()
