@@ -26,6 +26,26 @@ LAUNCH_FILE = "launch.json"  # what --resume needs, saved beside the experiment 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def duration(text: str) -> float:
+    """Seconds in '90', '90s', '20m', '1.5h' or '1h30m' (argparse type: a bad value is a usage error)."""
+    rest, seconds = text.strip().lower(), 0.0
+    try:
+        if rest.replace(".", "", 1).isdigit():  # a bare number is seconds; '1h30' is refused, not guessed
+            rest += "s"
+        while rest:
+            number = rest[:next(i for i, c in enumerate(rest) if c in DURATION_UNITS)]
+            seconds += float(number) * DURATION_UNITS[rest[len(number)]]
+            rest = rest[len(number) + 1:]
+    except (StopIteration, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 20m, 1h30m or 900s") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the time budget must be positive")
+    return seconds
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", type=Path, default=None, help=f"search space YAML (default: {DEFAULT_SPACE})")
@@ -35,6 +55,9 @@ def parse_args(argv):
     parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default: from the space)")
     parser.add_argument("--name", default=None, help="experiment name (default: search-<timestamp>)")
     parser.add_argument("--storage", type=Path, default=Path("runs"), help="where experiments live (default: runs)")
+    parser.add_argument("--time-budget", type=duration, default=None, metavar="DURATION",
+                        help="wall-clock budget of the whole search (20m, 1h30m, 900s): no trial starts or "
+                             "trains past it, and each keeps its best checkpoint")
     parser.add_argument("--skip-bad", action="store_true",
                         help="train without images that fail validation (listed in a warning) instead of stopping")
     parser.add_argument("--resume", action="store_true",
@@ -60,6 +83,7 @@ def parse_args(argv):
             parser.error("--resume needs --name (the experiment to continue)")
         given = [flag for flag, value in (("--space", args.space), ("--data", args.data), ("--gpus", args.gpus),
                                           ("--num-samples", args.num_samples), ("--skip-bad", args.skip_bad),
+                                          ("--time-budget", args.time_budget),
                                           ("--dry-run", args.dry_run)) if value not in (None, False)]
         if given:
             parser.error(f"--resume continues the experiment as it was started; leave out {', '.join(given)}")
@@ -202,10 +226,16 @@ def _print_plan(spec, space: Path, data_root: Path, counts: str, num_classes: in
           f"Experiment: {experiment}\n"
           f"Trials: {args.num_samples or e.num_samples}, {at_once}; each {res['cpu']:g} CPUs, {res['gpu']:g} GPUs\n"
           f"Epochs: up to {e.max_epochs}; {stopping}\n"
+          f"Time budget: {_format_duration(args.time_budget) if args.time_budget else 'none'}\n"
           f"Ranking: {e.metric} ({e.mode}); seed {e.seed}; max_failures {e.max_failures}\n"
           f"wandb: {wandb_mode or 'off'}\nSearch space:")
     for line in describe(spec):
         print(f"  {line}")
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 def main(argv=None) -> int:
@@ -272,10 +302,11 @@ def main(argv=None) -> int:
         write_atomically(experiment / LAUNCH_FILE, json.dumps({
             "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(data_root),
             "skip": sorted(skip), "gpus": gpus, "num_samples": args.num_samples or e.num_samples,
-            "wandb": wandb_mode is not None,
+            "wandb": wandb_mode is not None, "time_budget_s": args.time_budget,
         }, indent=2))
         run_search(spec, data_root, storage=storage, name=experiment.name, gpus=gpus,
-                   num_samples=args.num_samples, skip=skip, wandb=wandb_mode is not None)
+                   num_samples=args.num_samples, skip=skip, wandb=wandb_mode is not None,
+                   time_budget_s=args.time_budget)
     trials = read_trials(experiment)
     rows = leaderboard_rows(trials)
     path = write_leaderboard(experiment, rows)

@@ -7,8 +7,9 @@ trial of each as a one-member ensemble (with its rejection for open_set) scored 
 
 Every mIoU is over the same label space, UNKNOWN included (what a submission with that class is
 scored on). Last line: JSON, per treatment: best val mIoU, the shares of UNKNOWN and of known val
-pixels flagged as UNKNOWN (predicted, or rejected for open_set), the rejection threshold, test mIoU,
-and the search's wall time.
+pixels flagged as UNKNOWN (predicted, or rejected for open_set), the rejection threshold, the area
+under each open-set trial's val open-set curve (how well max-softmax separates UNKNOWN pixels from
+known ones; 0.5 is chance), test mIoU, and the search's wall time.
 """
 from __future__ import annotations
 
@@ -74,10 +75,18 @@ def summarise(treatment: str, args) -> dict:
     if not out.is_file():
         _run("ensemble_select.py", "--experiment", experiment, "--topk", "1", "--out", out)
     score = score_submission(out, args.data, "test_gt.json")
-    return {"val_miou": round(metrics["val_miou"], 4), "unknown_flagged": round(metrics["val_unknown_rejected"], 4),
+    curves = [read_meta(t.checkpoint).get("open_set", {}).get("curve") for t in ranked(read_trials(experiment))]
+    return {"open_set_auc": [round(_area(c), 3) for c in curves if c] or None,"val_miou": round(metrics["val_miou"], 4), "unknown_flagged": round(metrics["val_unknown_rejected"], 4),
             "known_flagged": round(metrics["val_known_rejected"], 4),
             "threshold": metrics.get("val_reject_threshold"), "test_miou": round(score["miou"], 4),
             "test_unknown_iou": score["per_class_iou"].get("unknown")}
+
+
+def _area(curve: list[dict]) -> float:
+    """Area under the open-set curve (UNKNOWN rejected against known rejected, over the thresholds):
+    1 separates UNKNOWN from known pixels perfectly, 0.5 is chance."""
+    points = sorted((p["known_rejected"], p["unknown_rejected"]) for p in curve)
+    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
 
 
 def main() -> None:

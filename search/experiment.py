@@ -61,7 +61,7 @@ def read_trials(experiment: str | Path) -> list[TrialRecord]:
     experiment = Path(experiment)
     if not is_experiment(experiment):
         raise UserError(f"{experiment} is not a Ray Tune experiment folder (no experiment_state-*.json)")
-    analysis = ExperimentAnalysis(str(experiment))
+    analysis = ExperimentAnalysis(str(Path(experiment).resolve()))  # a relative path is no URI to Ray
     return [_record(analysis, trial) for trial in analysis.trials]
 
 

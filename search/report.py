@@ -47,7 +47,7 @@ SLICED = ("decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize"
 
 def histories(experiment: Path) -> dict[str, list[dict]]:
     """Every trial's reported results in order: {trial_id: [{epoch, value columns...}]}."""
-    frames = ExperimentAnalysis(str(experiment)).trial_dataframes
+    frames = ExperimentAnalysis(str(Path(experiment).resolve())).trial_dataframes  # Ray takes absolute paths only
     return {trial_id: frame.to_dict("records") for trial_id, frame in frames.items()}
 
 

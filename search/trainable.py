@@ -69,6 +69,7 @@ class Trial:
     swa: AveragedModel | None  # the weight average, when swa_epochs > 0
     swa_epochs: int
     unknown: UnknownScoring | None  # how val treats the UNKNOWN class, when the label space has one
+    setup_time_s: float = 0.0  # building the trial: data (decoded splits), model, loss, optimiser
     epoch: int = 0  # epochs done
     best: float = math.nan  # best value so far of the ranking metric (cfg["metric"])
     best_val_miou: float = -math.inf  # reported too, whatever the ranking metric
@@ -120,6 +121,7 @@ def _loader_workers(cpus: int, device: torch.device) -> int:
 
 def build_trial(config: dict, device: torch.device | None = None) -> Trial:
     """Data, model, loss, optimiser, schedule and training options of a trial config (defaults filled)."""
+    started = time.perf_counter()
     cfg = {**trial_defaults(), **config}
     cpus = _trial_cpus(cfg)
     torch.set_num_threads(cpus)
@@ -168,7 +170,7 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
                  scheduler=build_scheduler(optimizer, cfg, len(train_loader)), scaler=build_scaler(amp, device),
                  train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, meta=meta,
                  amp=amp, channels_last=channels_last, swa=AveragedModel(model) if swa_epochs else None,
-                 swa_epochs=swa_epochs, unknown=scoring)
+                 swa_epochs=swa_epochs, unknown=scoring, setup_time_s=time.perf_counter() - started)
 
 
 def _unknown_label(treatment: str, class_names, data: DataSpec) -> int | None:
@@ -188,10 +190,14 @@ def run_epochs(trial: Trial, report: Report) -> None:
         train_loss = train_epoch(trial.model, trial.train_loader, trial.loss_fn, trial.optimizer, trial.device,
                                  NORMALIZATION, scheduler=trial.scheduler, amp=trial.amp, scaler=trial.scaler,
                                  grad_clip=setting(trial.cfg, "grad_clip"), channels_last=trial.channels_last)
+        trained = time.perf_counter()
         scored = _average_weights(trial) if trial.swa_active(epoch) else trial.model
         val, curve = _evaluate(trial, scored)
         trial.epoch = epoch
-        metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": time.perf_counter() - started}
+        now = time.perf_counter()
+        metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": now - started,
+                   "train_time_s": trained - started, "eval_time_s": now - trained,
+                   "setup_time_s": trial.setup_time_s}
         metrics.update(_placement())
         trial.best_val_miou = max(trial.best_val_miou, val["val_miou"])
         improved = trial.improves(val)

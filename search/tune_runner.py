@@ -145,8 +145,9 @@ def wandb_callbacks(experiment: Path, enabled: bool) -> list:
 
 
 def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, gpus: float,
-               num_samples: int | None = None, skip=(), wandb: bool = False) -> Path:
-    """Runs the search to completion in the running Ray instance; returns the experiment folder."""
+               num_samples: int | None = None, skip=(), wandb: bool = False, time_budget_s: float | None = None) -> Path:
+    """Runs the search in the running Ray instance, to completion or until time_budget_s seconds have
+    passed (Tune then stops the running trials; their checkpoints stay); returns the experiment folder."""
     e = spec.experiment
     resources = ray.cluster_resources()
     max_concurrent = concurrency(e, resources.get("CPU", 1), resources.get("GPU", 0) if gpus > 0 else 0)
@@ -158,7 +159,7 @@ def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, g
             metric=e.metric, mode=e.mode, num_samples=num_samples or e.num_samples, reuse_actors=True,
             trial_dirname_creator=trial_dirname,
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-            scheduler=scheduler(e),
+            scheduler=scheduler(e), time_budget_s=time_budget_s,
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), verbose=1,

@@ -281,10 +281,15 @@ def test_each_unknown_treatment_runs_end_to_end_in_a_search(policy_search):
     from search.experiment import leaderboard_rows
 
     assert sorted(row["unknown"] for row in leaderboard_rows(trials)) == ["background", "ignore", "keep", "open_set"]
-    # the report shows each trial's UNKNOWN shares and the open-set trial's curve
-    from search.report import write_report
+    # the report (from a path relative to the working directory) shows each trial's UNKNOWN shares
+    # and the open-set trial's curve
+    import os
 
-    report = json.loads((write_report(experiment).parent / "report.json").read_text())
+    from .conftest import ROOT, run_cli
+
+    result = run_cli("-m", "search.report", os.path.relpath(experiment, ROOT))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((experiment / "report" / "report.json").read_text())
     assert set(report["unknown"]["trials"]) == {t.trial_id for t in trials}
     [open_set] = [t for t in trials if t.config["unknown"] == "open_set"]
     assert list(report["unknown"]["curves"]) == [open_set.trial_id]

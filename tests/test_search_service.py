@@ -340,3 +340,24 @@ def test_a_search_joining_a_two_node_cluster_runs_trials_on_both_and_writes_one_
     assert len(results) == 4 and all(r.get("val_miou") is not None for r in results)
     assert {r["node_id"] for r in results} == nodes and len(nodes) == 2  # trials ran on both nodes
     assert len(_leaderboard(experiment)) == 4
+
+
+def test_a_time_budget_ends_the_search_and_keeps_each_trials_best_checkpoint(sample_root, tmp_path):
+    (tmp_path / "space.yaml").write_text(
+        "experiment: {num_samples: 2, max_epochs: 500, scheduler: fifo, cpus_per_trial: 1}\n"
+        "space: {decoder: Unet, backbone: resnet18, resize: 64, batch_size: 8, lr: {loguniform: [1.0e-3, 3.0e-3]}}\n")
+    started = time.monotonic()
+    result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root, "--time-budget", "40s",
+                     "--storage", tmp_path / "runs", "--name", "budget", "--no-wandb")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert time.monotonic() - started < 150  # 500 epochs would take many minutes
+    with open(tmp_path / "runs" / "budget" / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(0 < int(r["epochs"]) < 500 for r in rows if r["best_val_miou"])
+    assert json.loads((tmp_path / "runs" / "budget" / "launch.json").read_text())["time_budget_s"] == 40
+
+
+@pytest.mark.parametrize("value", ["0", "1h30", "soon"])
+def test_a_bad_time_budget_is_a_usage_error(value, tmp_path):
+    result = run_cli("launch.py", "--time-budget", value, "--dry-run", "--storage", tmp_path)
+    assert result.returncode == 2 and "argument --time-budget:" in result.stderr and "Traceback" not in result.stderr
