@@ -26,7 +26,7 @@ from models.ensemble import (ClassSelection, OverBudget, Selection, greedy_selec
                              has_weight, per_class_selection, quantize, weigh)
 from models.inference import predict_batch, predict_probs
 from models.metrics import iou_per_class
-from models.open_set import SOFTMAX_THRESHOLDS, ThresholdSweep
+from models.open_set import UnknownScoring
 
 from .experiment import TrialRecord, ranked, read_trials
 
@@ -273,7 +273,7 @@ def _ensemble_rejection(members: list[Member], probs: list[torch.Tensor], weight
     if not open_set:
         return None
     unknown, reject = open_set[0]["unknown_label"], open_set[0]["reject_label"]
-    sweep = ThresholdSweep(SOFTMAX_THRESHOLDS, num_classes, unknown, reject)
+    sweep = UnknownScoring(unknown, open_set=True, rule="softmax", reject_label=reject).sweep(num_classes)
     used = [(p, w) for p, w in zip(probs, weights) if has_weight(w)]
     for start in range(0, len(labels), chunk):
         total = sum(weigh(w, p[start:start + chunk]) for p, w in used)
