@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from errors import UserError
 from models.factory import build_model
-from models.optim import (TRAINING_PARAMS, build_optimizer, build_scaler, build_scheduler, resolve_amp,
+from models.optim import (TRAINING_PARAMS, build_optimizer, build_scaler, build_scheduler, cpu_has_fast_bf16, resolve_amp,
                           resolve_channels_last, setting)
 from models.training import place_model
 from search.space import load_space
@@ -71,6 +71,30 @@ def test_a_restored_scheduler_continues_the_curve():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted[5])
 
 
+def test_ending_a_schedule_early_decays_from_the_lr_reached_to_zero_and_survives_a_restore():
+    cfg = {"schedule": "cosine", "max_epochs": 10, "lr": LR, "weight_decay": 0.0}
+    optimizer = build_optimizer(nn.Linear(2, 2), cfg)
+    scheduler = build_scheduler(optimizer, cfg, 2)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    reached = optimizer.param_groups[0]["lr"]
+    curve = scheduler.lr_lambdas[0]
+    curve.end_early(4, 20)  # not shorter: nothing changes
+    assert curve.total_steps == 20 and curve.cut_step is None
+    curve.end_early(4, 8)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([reached * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # annealed by the new end
+    restored = build_scheduler(build_optimizer(nn.Linear(2, 2), cfg), cfg, 2)
+    restored.load_state_dict(scheduler.state_dict())
+    assert [restored.lr_lambdas[0](k) for k in range(10)] == [curve(k) for k in range(10)]
+
+
 def test_sgd_and_adamw_get_the_trial_hyperparameters():
     model = nn.Linear(2, 2)
     sgd = build_optimizer(model, {"optimizer": "sgd", "momentum": 0.85, "lr": 0.02, "weight_decay": 1e-4})
@@ -85,12 +109,16 @@ def test_sgd_and_adamw_get_the_trial_hyperparameters():
     assert sum(p.numel() for g in adamw.param_groups for p in g["params"]) == 6
 
 
-def test_amp_is_off_on_the_cpu_and_an_explicit_request_there_leaves_a_note():
-    assert resolve_amp({}, "cpu") == (None, None)
+def test_cpu_amp_is_bf16_where_the_cpu_has_amx_and_otherwise_float32_with_a_note():
+    fast = cpu_has_fast_bf16()
+    assert resolve_amp({}, "cpu") == ((torch.bfloat16, None) if fast else (None, None))
     assert resolve_amp({"amp": "off"}, "cpu") == (None, None)
-    for mode in ("bf16", "fp16"):
+    modes = ("fp16",) if fast else ("bf16", "fp16")
+    for mode in modes:
         dtype, note = resolve_amp({"amp": mode}, "cpu")
         assert dtype is None and mode in note and "\n" not in note
+    if fast:
+        assert resolve_amp({"amp": "bf16"}, "cpu") == (torch.bfloat16, None)
     assert resolve_amp({"amp": "bf16"}, "cuda")[0] is torch.bfloat16  # no CUDA call for explicit modes
     assert resolve_amp({"amp": "fp16"}, "cuda")[0] is torch.float16
     assert resolve_amp({"amp": "off"}, "cuda") == (None, None)
