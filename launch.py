@@ -286,10 +286,14 @@ def main(argv=None) -> int:
               f"Experiment: {experiment}", flush=True)
 
     from search.experiment import best_trial_summary, format_table, leaderboard_rows, read_trials, write_leaderboard
+    from search.trainable import DEADLINE_ENV
     from search.tune_runner import auth_token_path, resume_search, run_search, start_ray, trial_resources
 
     if wandb_mode:
         os.environ["WANDB_MODE"] = wandb_mode  # before Ray starts: the workers inherit it
+    os.environ.pop(DEADLINE_ENV, None)
+    if args.time_budget:  # trials plan their last epoch to end by it (search.trainable)
+        os.environ[DEADLINE_ENV] = str(time.time() + args.time_budget)
     dashboard = start_ray(gpus, dashboard_host=args.dashboard_host, address=args.address)
     if dashboard:
         where = "local only" if args.dashboard_host in LOCAL_HOSTS and not args.address else "reachable from the network"

@@ -10,14 +10,20 @@ gradient clipping, AMP, channels_last, and SWA: with swa_epochs = N, the weights
 last N epochs are averaged (torch.optim.swa_utils.AveragedModel, the trial's own lr schedule kept),
 BatchNorm statistics are recomputed for the average over the training loader, and those epochs
 evaluate and checkpoint the averaged model (a plain state_dict, like any other checkpoint).
+
+Under a search time budget (launch.py --time-budget puts its deadline in DEADLINE_ENV before Ray
+starts), each trial plans after every epoch how many more fit before the deadline, at the pace of its
+epochs so far; when fewer than max_epochs fit, its lr schedule ends early (models.optim.LrCurve) so
+that the weights it ends with are annealed, and it stops there instead of being cut off mid-schedule.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +50,8 @@ from models.training import evaluate, evaluate_open_set, place_model, train_epoc
 from .space import trial_defaults
 
 TRAIN_STATE_FILE = "train_state.pt"
+DEADLINE_ENV = "SEGSEARCH_DEADLINE"  # unix time by which a budgeted search's trials finish
+DEADLINE_MARGIN = 1.1  # an epoch is planned only if 1.1x the pace so far fits before the deadline
 log = logging.getLogger(__name__)
 
 # report(metrics, checkpoint directory or None): what a trial hands over after each epoch.
@@ -70,7 +78,10 @@ class Trial:
     swa_epochs: int
     unknown: UnknownScoring | None  # how val treats the UNKNOWN class, when the label space has one
     setup_time_s: float = 0.0  # building the trial: data (decoded splits), model, loss, optimiser
+    deadline: float | None = None  # unix time by which the trial finishes (a search time budget)
     epoch: int = 0  # epochs done
+    last_epoch: int = 0  # the epoch it plans to end with: max_epochs, or fewer that fit before the deadline
+    epoch_times: list[float] = field(default_factory=list)  # wall s of the epochs this run trained, all included
     best: float = math.nan  # best value so far of the ranking metric (cfg["metric"])
     best_val_miou: float = -math.inf  # reported too, whatever the ranking metric
 
@@ -85,7 +96,7 @@ class Trial:
         return value > self.best if METRIC_MODES[self.metric] == "max" else value < self.best
 
     def swa_active(self, epoch: int) -> bool:
-        return self.swa is not None and epoch > self.cfg["max_epochs"] - self.swa_epochs
+        return self.swa is not None and epoch > self.last_epoch - self.swa_epochs
 
 
 def train_segmentation(config: dict) -> None:
@@ -170,7 +181,13 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
                  scheduler=build_scheduler(optimizer, cfg, len(train_loader)), scaler=build_scaler(amp, device),
                  train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, meta=meta,
                  amp=amp, channels_last=channels_last, swa=AveragedModel(model) if swa_epochs else None,
-                 swa_epochs=swa_epochs, unknown=scoring, setup_time_s=time.perf_counter() - started)
+                 swa_epochs=swa_epochs, unknown=scoring, setup_time_s=time.perf_counter() - started,
+                 deadline=_deadline(), last_epoch=cfg["max_epochs"])
+
+
+def _deadline() -> float | None:
+    value = os.environ.get(DEADLINE_ENV)
+    return float(value) if value else None
 
 
 def _unknown_label(treatment: str, class_names, data: DataSpec) -> int | None:
@@ -185,7 +202,8 @@ def _unknown_label(treatment: str, class_names, data: DataSpec) -> int | None:
 def run_epochs(trial: Trial, report: Report) -> None:
     """Trains the remaining epochs; after each, report(metrics, checkpoint directory when the ranking
     metric improved, else None). The directory exists only during the call."""
-    for epoch in range(trial.epoch + 1, trial.cfg["max_epochs"] + 1):
+    while trial.epoch < trial.last_epoch:
+        epoch = trial.epoch + 1
         started = time.perf_counter()
         train_loss = train_epoch(trial.model, trial.train_loader, trial.loss_fn, trial.optimizer, trial.device,
                                  NORMALIZATION, scheduler=trial.scheduler, amp=trial.amp, scaler=trial.scaler,
@@ -197,7 +215,7 @@ def run_epochs(trial: Trial, report: Report) -> None:
         now = time.perf_counter()
         metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": now - started,
                    "train_time_s": trained - started, "eval_time_s": now - trained,
-                   "setup_time_s": trial.setup_time_s}
+                   "setup_time_s": trial.setup_time_s, "planned_epochs": trial.last_epoch}
         metrics.update(_placement())
         trial.best_val_miou = max(trial.best_val_miou, val["val_miou"])
         improved = trial.improves(val)
@@ -210,6 +228,23 @@ def run_epochs(trial: Trial, report: Report) -> None:
                 report(metrics, directory)
         else:
             report(metrics, None)
+        trial.epoch_times.append(time.perf_counter() - started)
+        plan_to_deadline(trial)
+
+
+def plan_to_deadline(trial: Trial, now: float | None = None) -> None:
+    """Ends the trial's schedule early when its remaining epochs do not fit before its deadline: the
+    epochs that do (at 1.1x its mean epoch time so far) become its last, and its lr decays to them."""
+    if trial.deadline is None or not trial.epoch_times:
+        return
+    pace = DEADLINE_MARGIN * sum(trial.epoch_times) / len(trial.epoch_times)
+    fits = max(0, math.floor((trial.deadline - (time.time() if now is None else now)) / pace))
+    last = min(trial.last_epoch, trial.epoch + fits)
+    if last < trial.last_epoch:
+        step = trial.scheduler.last_epoch  # LambdaLR counts optimiser steps in last_epoch
+        trial.scheduler.lr_lambdas[0].end_early(step, step + (last - trial.epoch) * len(trial.train_loader))
+        trial.last_epoch = last
+        log.info("the search's time budget leaves this trial %d more epoch(s): it ends at epoch %d", fits, last)
 
 
 def _evaluate(trial: Trial, model: nn.Module) -> tuple[dict, list[dict]]:
@@ -267,6 +302,8 @@ def restore(trial: Trial, directory: str | Path) -> None:
     if "swa" in state and trial.swa is not None:
         trial.swa.load_state_dict(state["swa"])
     trial.epoch, trial.best = meta["epoch"], meta["metrics"][trial.metric]
+    curve_steps = trial.scheduler.lr_lambdas[0].total_steps  # shorter than max_epochs' if a deadline cut it
+    trial.last_epoch = min(trial.cfg["max_epochs"], math.ceil(curve_steps / max(1, len(trial.train_loader))))
     trial.best_val_miou = meta.get("best_val_miou", meta["metrics"]["val_miou"])
 
 

@@ -15,7 +15,7 @@ from models.factory import NORMALIZATION, build_model
 from models.inference import normalize
 from models.losses import build_loss
 from models.training import evaluate, place_model, train_epoch
-from search.trainable import build_trial, restore, run_epochs, save_trial_checkpoint
+from search.trainable import build_trial, plan_to_deadline, restore, run_epochs, save_trial_checkpoint
 
 
 def test_training_lowers_the_loss_and_evaluation_reports_bounded_metrics(sample_root):
@@ -129,9 +129,9 @@ def test_swa_batchnorm_statistics_are_recomputed_for_the_averaged_weights(swa_ru
     _, trial, _, _ = swa_run
     first_bn = next(m for m in trial.swa.module.modules() if isinstance(m, nn.BatchNorm2d))
     batch_means = []
-    hook = first_bn.register_forward_pre_hook(lambda _, args: batch_means.append(args[0].mean((0, 2, 3))))
+    hook = first_bn.register_forward_pre_hook(lambda _, args: batch_means.append(args[0].float().mean((0, 2, 3))))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=trial.amp, enabled=trial.amp is not None):
             trial.swa.module.eval()
             for images, _ in trial.train_loader:  # equal batches: the mean of batch means is order-free
                 trial.swa.module(normalize(images, NORMALIZATION))
@@ -171,8 +171,7 @@ def test_a_cpu_trial_asked_for_amp_trains_in_float32_and_says_so(sample_root, ca
     with caplog.at_level(logging.WARNING, logger="search.trainable"):
         trial = build_trial(config, device=torch.device("cpu"))
     assert trial.amp is None and not trial.scaler.is_enabled() and trial.swa is None
-    assert [r.getMessage() for r in caplog.records] == [
-        "amp: fp16 asked for, but there is no CUDA device; training in float32"]
+    assert [r.getMessage() for r in caplog.records] == ["amp: fp16 runs on CUDA devices only; training in float32"]
 
 
 def test_a_trial_ranked_by_val_loss_checkpoints_when_the_loss_falls(sample_root):
@@ -188,3 +187,32 @@ def test_a_trial_ranked_by_val_loss_checkpoints_when_the_loss_falls(sample_root)
     assert [m["best_val_loss"] for m, _ in reports] == best
     assert [saved for _, saved in reports] == [True] + [losses[i] < best[i - 1] for i in range(1, len(losses))]
     assert all(m["best_val_miou"] == max(r["val_miou"] for r, _ in reports[:i + 1]) for i, (m, _) in enumerate(reports))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_trial_whose_epochs_do_not_fit_before_its_deadline_ends_early_with_its_lr_annealed(sample_root):
+    config = {**DataSpec(root=str(sample_root)).to_config(), **SWA_CONFIG, "max_epochs": 20, "swa_epochs": 0,
+              "schedule": "cosine", "warmup_epochs": 0, "lr": 1e-3}
+    trial = build_trial(config)
+
+    def stop_after_two(metrics, _):
+        if metrics["epoch"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_epochs(trial, stop_after_two)
+    reached = _lr(trial)
+    trial.deadline, trial.epoch_times = 1000.0, [10.0, 10.0]
+    plan_to_deadline(trial, now=1000.0 - 35.0)  # 35 s left at 1.1 x 10 s an epoch: 3 more epochs
+    assert trial.last_epoch == 5
+    trial.deadline = None  # the rest runs as planned
+    seen = []
+    run_epochs(trial, lambda metrics, _: seen.append((metrics["epoch"], metrics["planned_epochs"], _lr(trial))))
+    assert [(epoch, planned) for epoch, planned, _ in seen] == [(3, 5), (4, 5), (5, 5)]
+    lrs = [reached] + [lr for _, _, lr in seen]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    plan_to_deadline(trial)  # no deadline: nothing planned
+    assert trial.last_epoch == 5
