@@ -1,12 +1,15 @@
 """The cost levers of a trial on a CPU: training images per second of the trainable's own loop
 (models.training.train_epoch with models.optim's AdamW and schedule) for decoder x backbone x input
-size x batch size, on synthetic uint8 batches, one torch thread (a trial's default cpus_per_trial).
+size x batch size x precision, on synthetic uint8 batches, one torch thread (a trial's default
+cpus_per_trial). Precision: off = float32, auto = what a trial gets here (bf16 autocast on a CPU with
+AMX tiles, models.optim.resolve_amp).
 
     .venv/bin/python bench/epoch_cost.py [--decoders Unet FPN] [--backbones resnet18 mobilenet_v2]
-        [--sizes 64 96 128] [--batch-sizes 4 16] [--images 64] [--threads 1]
+        [--sizes 64 96 128] [--batch-sizes 4 16] [--amp off auto] [--images 64] [--threads 1]
 
 Each configuration trains one warm-up pass, then --images images timed. Last line: JSON, images/s
-per configuration and each one's ratio to the first (Unet-resnet18 at the smallest size and batch).
+per configuration and each one's ratio to the first (by default Unet-resnet18, smallest size and batch,
+float32).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from models.factory import NORMALIZATION, build_model  # noqa: E402
 from models.losses import build_loss  # noqa: E402
-from models.optim import build_optimizer, build_scheduler  # noqa: E402
+from models.optim import build_optimizer, build_scheduler, resolve_amp  # noqa: E402
 from models.training import place_model, train_epoch  # noqa: E402
 
 
@@ -36,10 +39,12 @@ def parse_args():
     parser.add_argument("--images", type=int, default=64, help="images trained per timed pass")
     parser.add_argument("--classes", type=int, default=13)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--amp", nargs="+", choices=["off", "auto"], default=["off"])
     return parser.parse_args()
 
 
-def images_per_second(decoder: str, backbone: str, size: int, batch: int, images: int, classes: int) -> float:
+def images_per_second(decoder: str, backbone: str, size: int, batch: int, amp: str, images: int,
+                      classes: int) -> float:
     torch.manual_seed(0)
     model = place_model(build_model(decoder, backbone, classes), "cpu", channels_last=True)
     cfg = {"lr": 1e-3, "weight_decay": 1e-4, "max_epochs": 1}
@@ -49,8 +54,9 @@ def images_per_second(decoder: str, backbone: str, size: int, batch: int, images
                 torch.randint(0, classes, (batch, size, size), dtype=torch.uint8)) for _ in range(steps)]
     loss = build_loss({"loss": "ce"})
     scheduler = build_scheduler(optimizer, cfg, 2 * steps)
+    dtype, _ = resolve_amp({"amp": amp}, "cpu")
     run = lambda: train_epoch(model, batches, loss, optimizer, "cpu", NORMALIZATION, scheduler=scheduler,  # noqa: E731
-                              channels_last=True)
+                              amp=dtype, channels_last=True)
     run()  # warm-up: oneDNN primitives, allocator
     started = time.perf_counter()
     run()
@@ -61,11 +67,13 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     results = []
-    for decoder, backbone, size, batch in itertools.product(args.decoders, args.backbones, args.sizes, args.batch_sizes):
-        rate = images_per_second(decoder, backbone, size, batch, args.images, args.classes)
-        results.append({"decoder": decoder, "backbone": backbone, "size": size, "batch": batch,
+    grid = itertools.product(args.decoders, args.backbones, args.sizes, args.batch_sizes, args.amp)
+    for decoder, backbone, size, batch, amp in grid:
+        rate = images_per_second(decoder, backbone, size, batch, amp, args.images, args.classes)
+        results.append({"decoder": decoder, "backbone": backbone, "size": size, "batch": batch, "amp": amp,
                         "images_per_s": round(rate, 1)})
-        print(f"{decoder:>14} {backbone:>14} {size:4d} px batch {batch:3d}: {rate:6.1f} images/s", flush=True)
+        print(f"{decoder:>14} {backbone:>14} {size:4d} px batch {batch:3d} amp {amp:4}: {rate:6.1f} images/s",
+              flush=True)
     base = results[0]["images_per_s"]
     for r in results:
         r["vs_first"] = round(r["images_per_s"] / base, 2)

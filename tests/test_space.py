@@ -18,11 +18,14 @@ def _write(tmp_path, text: str) -> Path:
 @pytest.mark.parametrize("name", ["quick.yaml", "full.yaml"])
 def test_shipped_spaces_are_valid(name):
     spec = load_space(ROOT / "search_spaces" / name)
-    assert {p.name for p in spec.params} >= {"decoder", "backbone", "loss", "focal_gamma", "lr"}
+    assert {p.name for p in spec.params} >= {"decoder", "backbone", "loss", "lr", "resize", "batch_size"}
 
 
-def test_sampler_suggests_focal_gamma_only_for_focal_loss():
-    spec = load_space(ROOT / "search_spaces" / "quick.yaml")
+def test_sampler_suggests_focal_gamma_only_for_focal_loss(tmp_path):
+    (tmp_path / "space.yaml").write_text(
+        "space:\n  loss: {choice: [ce, focal]}\n  focal_gamma: {uniform: [0.5, 3.0], when: {loss: focal}}\n"
+        "  lr: {loguniform: [3.0e-4, 5.0e-3]}\n  resize: 96\n")
+    spec = load_space(tmp_path / "space.yaml")
     sampler = SpaceSampler(spec.params, {"data_root": "/data"})
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
     seen_losses = set()
