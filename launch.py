@@ -56,8 +56,9 @@ def parse_args(argv):
     parser.add_argument("--name", default=None, help="experiment name (default: search-<timestamp>)")
     parser.add_argument("--storage", type=Path, default=Path("runs"), help="where experiments live (default: runs)")
     parser.add_argument("--time-budget", type=duration, default=None, metavar="DURATION",
-                        help="wall-clock budget of the whole search (20m, 1h30m, 900s): no trial starts or "
-                             "trains past it, and each keeps its best checkpoint")
+                        help="wall-clock budget of the whole search (20m, 1h30m, 900s): each trial plans its "
+                             "last epoch to end before it, with its lr schedule annealed by then; none trains "
+                             "past it, and each keeps its best checkpoint")
     parser.add_argument("--skip-bad", action="store_true",
                         help="train without images that fail validation (listed in a warning) instead of stopping")
     parser.add_argument("--resume", action="store_true",

@@ -9,9 +9,10 @@ between.
 
 AMP: `auto` is bf16 autocast on a CUDA device that supports it, else fp16 with a GradScaler. On the
 CPU, `auto` and `bf16` are bf16 autocast where the CPU has AMX tiles (oneDNN runs bf16 convolutions on
-them: 2.0-2.3x the images/s of float32 for Unet-resnet18, bench/epoch_cost.py --amp); elsewhere bf16
-is emulated and slower than float32, so `auto` stays float32 and an explicit bf16/fp16 request trains
-in float32 with a note for the trial log. One search space runs on every machine.
+them: 2.0-2.4x the images/s of float32 for Unet-resnet18, 1.8x for FPN-resnet18, bench/epoch_cost.py
+--amp); elsewhere bf16 is emulated and slower than float32, so `auto` stays float32 and an explicit
+bf16/fp16 request trains in float32 with a note for the trial log. One search space runs on every
+machine.
 
 channels_last: `auto` is on for every device. On the CPU (oneDNN) channels-last convolutions train
 5-15% faster than NCHW here (bench/train_step.py --channels-last true: 1.12x for Unet-resnet18 at
