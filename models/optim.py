@@ -22,6 +22,7 @@ channels-last in memory and convolutions follow their input's format. `false` is
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 
@@ -146,7 +147,8 @@ class LrCurve:
         if self.cut_step is None or step < self.cut_step:
             return lr_factor(step, schedule=self.schedule, warmup_steps=self.warmup_steps,
                              total_steps=self.total_steps)
-        return self.cut_factor * _decay(self.schedule, (step - self.cut_step) / max(1, self.total_steps - self.cut_step))
+        progress = (step - self.cut_step) / max(1, self.total_steps - self.cut_step)
+        return self.cut_factor * _decay(self.schedule, progress)
 
     def end_early(self, step: int, total_steps: int) -> None:
         if total_steps >= self.total_steps:

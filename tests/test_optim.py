@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from errors import UserError
 from models.factory import build_model
-from models.optim import (TRAINING_PARAMS, build_optimizer, build_scaler, build_scheduler, cpu_has_fast_bf16, resolve_amp,
-                          resolve_channels_last, setting)
+from models.optim import (TRAINING_PARAMS, build_optimizer, build_scaler, build_scheduler, cpu_has_fast_bf16,
+                          resolve_amp, resolve_channels_last, setting)
 from models.training import place_model
 from search.space import load_space
 
