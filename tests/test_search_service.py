@@ -322,7 +322,9 @@ def test_a_search_joining_a_two_node_cluster_runs_trials_on_both_and_writes_one_
     from ray.cluster_utils import Cluster
 
     (tmp_path / "space.yaml").write_text(
-        SPACE.replace("num_samples: 2, max_epochs: 2, grace_period: 2", "num_samples: 4, max_epochs: 1, grace_period: 1")
+        # 3 epochs a trial: with bf16 on an AMX CPU one-epoch trials could all finish on the head node's
+        # reused actor before the second node's worker started
+        SPACE.replace("num_samples: 2, max_epochs: 2, grace_period: 2", "num_samples: 4, max_epochs: 3, grace_period: 3")
         .replace("resize: 64", "resize: 32"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     try:
