@@ -22,9 +22,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-TRASHCAN = ROOT.parent / "shared" / "datasets" / "trashcan-mini"
+from trashcan import ROOT, TRASHCAN, check_data  # bench/ is on the path of a bench script
 TPE_STARTUP_TRIALS = 10  # optuna.samplers.TPESampler's n_startup_trials default
 
 
@@ -39,8 +37,7 @@ def parse_args():
     parser.add_argument("--reuse", action="store_true",
                         help="summarise the experiments already under --storage instead of running them")
     args = parser.parse_args()
-    if not args.data.is_dir():
-        sys.exit(f"error: dataset {args.data} not found (trashcan-mini lives in ../shared/datasets; pass --data)")
+    check_data(args.data)
     if args.reuse and not args.storage:
         sys.exit("error: --reuse needs --storage")
     if args.trials > TPE_STARTUP_TRIALS:

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-TRASHCAN = ROOT.parent / "shared" / "datasets" / "trashcan-mini"
+from trashcan import ROOT, TRASHCAN, check_data  # bench/ is on the path of a bench script
 
 
 def parse_args():
@@ -33,8 +31,7 @@ def parse_args():
     parser.add_argument("--gt", default="test_gt.json", help="labelled test annotations under --data")
     parser.add_argument("--size", type=int, default=256, help="submission size the test is scored at")
     args = parser.parse_args()
-    if not args.data.is_dir():
-        sys.exit(f"error: dataset {args.data} not found (trashcan-mini lives in ../shared/datasets; pass --data)")
+    check_data(args.data)
     return args
 
 

@@ -18,9 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-TRASHCAN = ROOT.parent / "shared" / "datasets" / "trashcan-mini"
+from trashcan import ROOT, TRASHCAN, check_data  # bench/ is on the path of a bench script
 
 
 def parse_args():
@@ -32,8 +30,7 @@ def parse_args():
     parser.add_argument("--storage", type=Path, default=ROOT / "runs" / "bench-budget")
     parser.add_argument("--name", default=None, help="experiment name (default: budget-<timestamp>)")
     args = parser.parse_args()
-    if not args.data.is_dir():
-        sys.exit(f"error: dataset {args.data} not found (trashcan-mini lives in ../shared/datasets; pass --data)")
+    check_data(args.data)
     return args
 
 

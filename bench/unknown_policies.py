@@ -22,9 +22,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-TRASHCAN = ROOT.parent / "shared" / "datasets" / "trashcan-mini"
+from trashcan import ROOT, TRASHCAN, check_data  # bench/ is on the path of a bench script
 TREATMENTS = ("keep", "background", "ignore", "open_set")
 
 
@@ -37,8 +35,7 @@ def parse_args():
     parser.add_argument("--storage", type=Path, default=ROOT / "runs" / "bench-unknown")
     parser.add_argument("--reuse", action="store_true", help="summarise the experiments already under --storage")
     args = parser.parse_args()
-    if not args.data.is_dir():
-        sys.exit(f"error: dataset {args.data} not found (trashcan-mini lives in ../shared/datasets; pass --data)")
+    check_data(args.data)
     return args
 
 
