@@ -23,14 +23,14 @@ import yaml
 from trashcan import ROOT, TRASHCAN, check_data  # bench/ is on the path of a bench script
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=TRASHCAN)
     parser.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "quick.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="trial parameter values")
     parser.add_argument("--gt", default="test_gt.json", help="labelled test annotations under --data")
     parser.add_argument("--size", type=int, default=256, help="submission size the test is scored at")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     check_data(args.data)
     return args
 
@@ -60,15 +60,15 @@ def _value(text: str):
         return yaml.safe_load(text)
 
 
-def test_score(trial, data: Path, gt: str, size: int) -> dict:
+def score_on_test(trial, data: Path, gt: str, size: int) -> dict:
+    import numpy as np
+    import torch
+
     from data_pipeline.cache import load_split
     from data_pipeline.submission import write_submission
     from models.factory import NORMALIZATION
     from models.inference import predict_batch, to_labels
     from search.score import score_submission
-
-    import numpy as np
-    import torch
 
     images = load_split(data, gt, trial.cfg["resize"], with_masks=False)
     rows = []
@@ -83,10 +83,10 @@ def test_score(trial, data: Path, gt: str, size: int) -> dict:
         return score_submission(submission, data, gt)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     from search.trainable import build_trial, run_epochs
 
-    args = parse_args()
+    args = parse_args(argv)
     config = trial_config(args.space, args.data, args.set)
     started = time.perf_counter()
     trial = build_trial(config)
@@ -98,14 +98,17 @@ def main() -> None:
               f"train {metrics['train_time_s']:.0f} s  eval {metrics['eval_time_s']:.0f} s", flush=True)
 
     run_epochs(trial, report)
-    score = test_score(trial, args.data, args.gt, args.size)
+    score = score_on_test(trial, args.data, args.gt, args.size)
     per_class = {name: round(iou, 3) for name, iou in score["per_class_iou"].items() if iou is not None}
     print("test IoU per class: " + ", ".join(f"{name} {iou:.2f}" for name, iou in per_class.items()))
     result = {"set": args.set, "epochs": len(epochs), "val_miou": round(epochs[-1]["val_miou"], 4),
               "best_val_miou": round(max(m["val_miou"] for m in epochs), 4), "test_miou": round(score["miou"], 4),
               "test_per_class_iou": per_class, "wall_s": round(time.perf_counter() - started)}
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from errors import run_cli  # a bad space or value: one line, not a traceback
+
+    sys.exit(run_cli(main))
