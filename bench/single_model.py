@@ -62,24 +62,22 @@ def _value(text: str):
 
 def score_on_test(trial, data: Path, gt: str, size: int) -> dict:
     import numpy as np
-    import torch
 
     from data_pipeline.cache import load_split
+    from data_pipeline.dataset import SegmentationDataset, make_loader
     from data_pipeline.submission import write_submission
     from models.factory import NORMALIZATION
-    from models.inference import predict_batch, to_labels
+    from models.inference import predict_probs, to_labels
     from search.score import score_submission
 
     images = load_split(data, gt, trial.cfg["resize"], with_masks=False)
-    rows = []
+    loader = make_loader(SegmentationDataset(images, "none", train=False), 32)
     trial.model.eval()
-    for start in range(0, len(images.file_names), 32):
-        batch = torch.from_numpy(np.array(images.images[start:start + 32]))  # a writable copy
-        labels = to_labels(predict_batch(trial.model, batch, (size, size), trial.device, normalization=NORMALIZATION))
-        rows += zip(images.file_names[start:start + 32], labels.cpu().numpy().astype(np.uint8))
+    probs = predict_probs(trial.model, loader, (size, size), trial.device, normalization=NORMALIZATION)
+    labels = np.concatenate([to_labels(p).cpu().numpy().astype(np.uint8) for p in probs])
     with tempfile.TemporaryDirectory() as directory:
         submission = Path(directory) / "submission.csv"
-        write_submission(submission, rows)
+        write_submission(submission, zip(images.file_names, labels))
         return score_submission(submission, data, gt)
 
 
