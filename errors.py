@@ -23,3 +23,16 @@ def run_cli(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def short_reason(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or where it was raised when
+    it has no message: what a one-line error quotes from a library's exception."""
+    import traceback
+    from pathlib import Path
+
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if lines:
+        return lines[0] if len(lines[0]) <= 200 else lines[0][:197] + "..."
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__} at {'/'.join(Path(where.filename).parts[-3:])}:{where.lineno}"

@@ -4,22 +4,17 @@ encoders through `tu-<timm model>[.<pretrained tag>]`.
 Validation (before Ray starts, cheap, no weights touched): `check_decoder`, `check_backbone`,
 `check_pair` (builds the pair on the meta device, so no real weights are allocated or initialised) and
 `check_weights` (the encoder_weights NAME). `build_model` builds one model for a trial; with
-`encoder_weights` it loads the pretrained file from the local Hugging Face / torch hub cache, downloads it
-only when the hub is reachable, and otherwise fails with a one-line error naming the file and where it
-belongs. It never falls back to random weights.
+`encoder_weights` it loads the pretrained encoder from the file models.weights finds (the local Hugging
+Face / torch hub cache, a download only when the hub is reachable, else a one-line error naming the file
+and where it belongs). It never falls back to random weights. `input_normalization` is the mean/std
+the encoder's weights expect.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
-import os
-import socket
-import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import timm
@@ -27,12 +22,12 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from errors import UserError
+from checks import did_you_mean
+from errors import UserError, short_reason
 
 from .open_set import with_known_class_head
-
-TIMM_PREFIX = "tu-"
-IMAGENET = "imagenet"  # for tu- encoders: timm's default pretrained tag of the model
+from .weights import (TIMM_PREFIX, WeightsSource, cached_file, encoder_normalization, timm_tags, weights_file,
+                      weights_source)
 
 # Decoder names as smp spells them, looked up case-insensitively: {"unet": "Unet", ...}.
 DECODERS: dict[str, str] = {key: arch.__name__ for key, arch in smp.MODEL_ARCHITECTURES_MAPPING.items()}
@@ -41,27 +36,22 @@ SMP_ENCODERS: dict[str, dict] = smp.encoders.encoders
 BACKBONES: tuple[str, ...] = tuple(SMP_ENCODERS)
 _BACKBONE_KEYS = {name.lower(): name for name in BACKBONES}
 
-# ImageNet statistics: what every smp/timm encoder was pretrained with, and harmless for random init.
-NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 # What smp and timm raise for a pair they cannot build (a bug in this module would raise something else).
 _BUILD_ERRORS = (ValueError, TypeError, KeyError, AssertionError, RuntimeError, NotImplementedError, IndexError)
-_PROBE_TIMEOUT_S = 3.0
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 # ---------------------------------------------------------------------------------------------- names
 
-def _closest(name: str, options, prefix: str = "") -> str:
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+def _closest(name, options, prefix: str = "") -> str:
+    return did_you_mean(name, options, count=3, cutoff=0.5, prefix=prefix, quote=False)
 
 
 def check_decoder(name: str) -> str:
     """Returns the decoder name as smp spells it (any case accepted) or raises UserError with close matches."""
     key = str(name).lower()
     if key not in DECODERS:
-        raise UserError(f"unknown decoder {name!r}{_closest(str(name), DECODERS.values())}; "
+        raise UserError(f"unknown decoder {name!r}{_closest(name, DECODERS.values())}; "
                         f"valid: {', '.join(DECODERS.values())}")
     return DECODERS[key]
 
@@ -86,16 +76,9 @@ def _check_timm_model(model: str) -> None:
     if not timm.is_model(arch):
         raise UserError(f"unknown timm backbone {TIMM_PREFIX + model!r}"
                         f"{_closest(arch, timm.list_models(), TIMM_PREFIX)}")
-    if tag and tag not in _timm_tags(arch):
-        tags = ", ".join(_timm_tags(arch)) or "none"
+    if tag and tag not in timm_tags(arch):
+        tags = ", ".join(timm_tags(arch)) or "none"
         raise UserError(f"timm model {arch} has no pretrained tag {tag!r}; tags: {tags}")
-
-
-@functools.lru_cache(maxsize=None)
-def _timm_tags(arch: str) -> tuple[str, ...]:
-    """The pretrained tags of a timm architecture that come with weights, default first."""
-    names = timm.models.get_arch_pretrained_cfgs(arch)
-    return tuple(name.split(".", 1)[1] for name in names if timm.models.is_model_pretrained(name))
 
 
 # ---------------------------------------------------------------------------------------------- pairs
@@ -125,11 +108,11 @@ def _pair_problem(decoder: str, backbone: str, input_size: int | None) -> str | 
         _probe(decoder, backbone, input_size, "meta")
     except _BUILD_ERRORS as exc:
         if not _is_meta_limitation(exc):
-            return _short_reason(exc)
+            return short_reason(exc)
         try:  # a few encoders need real tensors while building (mit_b*: Tensor.item()); build those for real
             _probe(decoder, backbone, input_size, "cpu")
         except _BUILD_ERRORS as cpu_exc:
-            return _short_reason(cpu_exc)
+            return short_reason(cpu_exc)
     return None
 
 
@@ -172,15 +155,6 @@ def _is_meta_limitation(exc: Exception) -> bool:
     return "meta" in str(exc).lower()
 
 
-def _short_reason(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if lines:
-        return lines[0] if len(lines[0]) <= 200 else lines[0][:197] + "..."
-    where = traceback.extract_tb(exc.__traceback__)[-1]
-    package_path = Path(where.filename).parts[-3:]
-    return f"{type(exc).__name__} at {'/'.join(package_path)}:{where.lineno}"
-
-
 @functools.lru_cache(maxsize=None)
 def _decoder_needs(decoder: str) -> str:
     """What a decoder asks of its encoder that smp's error may not say: dilation, read from its smp signature."""
@@ -214,171 +188,23 @@ def _encoder_kwargs(decoder: str, backbone: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- weights
 
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where the pretrained file of one (backbone, encoder_weights) comes from: a Hugging Face hub repo
-    (smp-hub/<encoder>.<weights> for smp encoders, timm/<model>.<tag> for most timm ones) or a URL that
-    lands in the torch hub cache (<torch hub>/checkpoints/<file>)."""
-
-    backbone: str
-    weights: str
-    repo_id: str = ""
-    revision: str | None = None
-    filenames: tuple[str, ...] = ()  # alternatives, first found wins
-    url: str = ""
-    timm_name: str = ""  # tu- encoders: the timm model name with its tag, built with pretrained=True
-
-    def describe(self) -> str:
-        if self.repo_id:
-            return f"{self.repo_id} ({' or '.join(self.filenames)}) in the Hugging Face cache {_hf_cache_dir()}"
-        return f"{_url_file(self.url)} in the torch hub cache {_torch_checkpoints_dir()}"
-
-    def fetch_hint(self) -> str:
-        if self.repo_id:
-            revision = f" --revision {self.revision}" if self.revision else ""
-            folder = "models--" + self.repo_id.replace("/", "--")
-            return (f"on a machine with internet run `hf download {self.repo_id} {self.filenames[0]}{revision}` "
-                    f"and copy ~/.cache/huggingface/hub/{folder} into {_hf_cache_dir()}")
-        return f"on a machine with internet download {self.url} and copy it into {_torch_checkpoints_dir()}"
-
-
 def check_weights(backbone: str, encoder_weights: str | None) -> None:
     """Checks the NAME of encoder_weights for the backbone (the file is checked when a trial builds)."""
     if encoder_weights is not None:
-        weights_source(backbone, encoder_weights)
+        weights_source(check_backbone(backbone), encoder_weights)
 
 
-def weights_source(backbone: str, encoder_weights: str) -> WeightsSource:
-    """The source of backbone's encoder_weights; UserError listing the valid names when smp/timm has none such."""
-    if not isinstance(encoder_weights, str):
-        raise UserError(f"encoder_weights must be null or a name such as {IMAGENET}, got {encoder_weights!r}")
-    return _weights_source(check_backbone(backbone), encoder_weights)
+def cached_weights(backbone: str, encoder_weights: str) -> tuple[Path | None, str]:
+    """(the cached file, or None; what is needed and how to get it when it is missing), for --dry-run."""
+    source = weights_source(check_backbone(backbone), encoder_weights)
+    found = cached_file(source)
+    return found, "" if found else f"needs {source.describe()}; {source.fetch_hint()}"
 
 
-@functools.lru_cache(maxsize=None)
-def _weights_source(backbone: str, weights: str) -> WeightsSource:
-    if backbone.startswith(TIMM_PREFIX):
-        return _timm_weights_source(backbone, weights)
-    settings = SMP_ENCODERS[backbone]["pretrained_settings"]
-    if weights not in settings:
-        raise UserError(f"backbone {backbone} has no encoder_weights {weights!r}; valid: {', '.join(settings)} or null")
-    return WeightsSource(backbone, weights, repo_id=settings[weights]["repo_id"],
-                         revision=settings[weights]["revision"], filenames=("model.safetensors",))
-
-
-def _timm_weights_source(backbone: str, weights: str) -> WeightsSource:
-    arch, tag = timm.models.split_model_name_tag(backbone[len(TIMM_PREFIX):])
-    tags = _timm_tags(arch)
-    if not tags:
-        raise UserError(f"timm has no pretrained weights for {arch}; set encoder_weights: null")
-    if weights != IMAGENET and (weights not in tags or tag and weights != tag):
-        valid = [tag] if tag else list(tags)
-        raise UserError(f"backbone {backbone} has no encoder_weights {weights!r}; valid: {IMAGENET} "
-                        f"(timm's tag {tag or tags[0]}), {', '.join(valid)} or null")
-    timm_name = f"{arch}.{tag or (tags[0] if weights == IMAGENET else weights)}"
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    if cfg.hf_hub_id:
-        repo_id, _, revision = cfg.hf_hub_id.partition("@")
-        filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-        return WeightsSource(backbone, weights, repo_id=repo_id, revision=revision or None, filenames=filenames,
-                             timm_name=timm_name)
-    if cfg.url:
-        return WeightsSource(backbone, weights, url=cfg.url, timm_name=timm_name)
-    raise UserError(f"timm has no downloadable weights for {timm_name}; set encoder_weights: null")
-
-
-def weights_file(source: WeightsSource) -> Path:
-    """The local weights file: from the cache, else downloaded if the hub answers, else a one-line UserError."""
-    found = _cached_file(source)
-    if found is not None:
-        return found
-    if _offline():
-        raise _missing_weights(source, "HF_HUB_OFFLINE is set")
-    host, port = _host_port(_hf_endpoint() if source.repo_id else source.url)
-    if not _reachable(host, port):
-        raise _missing_weights(source, f"{host} cannot be reached")
-    try:
-        return _download(source)
-    except (OSError, ValueError) as exc:  # HTTP errors of huggingface_hub and urllib are OSErrors
-        raise _missing_weights(source, f"download failed: {_short_reason(exc)}") from exc
-
-
-def _missing_weights(source: WeightsSource, why: str) -> UserError:
-    return UserError(f"backbone {source.backbone} with encoder_weights {source.weights!r} needs {source.describe()}, "
-                     f"which lacks it and cannot download it ({why}); {source.fetch_hint()}, "
-                     "or set encoder_weights: null")
-
-
-def _cached_file(source: WeightsSource) -> Path | None:
-    if not source.repo_id:
-        path = _torch_checkpoints_dir() / _url_file(source.url)
-        return path if path.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    for filename in source.filenames:
-        found = try_to_load_from_cache(source.repo_id, filename, cache_dir=_hf_cache_dir(), revision=source.revision)
-        if isinstance(found, str):
-            return Path(found)
-    return None
-
-
-def _download(source: WeightsSource) -> Path:
-    if not source.repo_id:
-        path = _torch_checkpoints_dir() / _url_file(source.url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(source.url, str(path), progress=False)
-        return path
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
-
-    for filename in source.filenames[:-1]:
-        try:
-            return Path(hf_hub_download(source.repo_id, filename, revision=source.revision,
-                                        cache_dir=_hf_cache_dir(), endpoint=_hf_endpoint()))
-        except RemoteEntryNotFoundError:
-            continue
-    return Path(hf_hub_download(source.repo_id, source.filenames[-1], revision=source.revision,
-                                cache_dir=_hf_cache_dir(), endpoint=_hf_endpoint()))
-
-
-# Read at call time (huggingface_hub reads its settings once, at import), so a trial honours its environment.
-def _hf_cache_dir() -> Path:
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    return Path(cache).expanduser()
-
-
-def _hf_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-
-
-def _torch_checkpoints_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _url_file(url: str) -> str:
-    return os.path.basename(urlparse(url).path)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    parsed = urlparse(url)
-    return parsed.hostname or "", parsed.port or (80 if parsed.scheme == "http" else 443)
-
-
-def _reachable(host: str, port: int) -> bool:
-    """A quick TCP probe, so a machine without network fails in seconds instead of huggingface_hub's retries.
-    Behind a proxy the probe proves nothing, so the download is left to try."""
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return True
-    try:
-        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
-    except OSError:
-        return False
-    return True
+def input_normalization(backbone: str, encoder_weights: str | None) -> dict:
+    """{"mean", "std"} the model's input is normalised with: those its encoder's weights were trained
+    with (models.weights.encoder_normalization)."""
+    return encoder_normalization(check_backbone(backbone), encoder_weights)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -406,7 +232,7 @@ def _build(decoder: str, backbone: str, num_classes: int, encoder_weights: str |
         return _pretrained_model(decoder, source, path, num_classes)
     except (*_BUILD_ERRORS, OSError) as exc:
         raise UserError(f"cannot load {path} as encoder_weights {source.weights!r} of backbone {backbone}: "
-                        f"{_short_reason(exc)}") from exc
+                        f"{short_reason(exc)}") from exc
 
 
 def _pretrained_model(decoder: str, source: WeightsSource, path: Path, num_classes: int) -> nn.Module:

@@ -37,6 +37,33 @@ def run_cli(script: str, *args, timeout: float = 600, env: dict | None = None) -
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "hf-hub"  # ImageNet EfficientNet-Lite0..2, read-only
+
+
+def use_hub_cache(monkeypatch, cache: Path, offline: bool = True) -> None:
+    """Points Hugging Face hub reads at cache, as a user does with HF_HUB_CACHE and HF_HUB_OFFLINE:
+    in the environment (for the processes a test starts) and in huggingface_hub's constants, which
+    this process read when it imported the library."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+
+
+@pytest.fixture
+def shared_weights(monkeypatch) -> Path:
+    """The shared offline cache of pretrained EfficientNet-Lite weights; skips where it is absent."""
+    if not SHARED_WEIGHTS.is_dir():
+        pytest.skip(f"{SHARED_WEIGHTS} is absent")
+    use_hub_cache(monkeypatch, SHARED_WEIGHTS)
+    return SHARED_WEIGHTS
+
+
 def pytest_sessionfinish(session, exitstatus):
     import shutil
 

@@ -5,6 +5,7 @@ so the weight tests write files where huggingface_hub / torch.hub keep downloade
 """
 import time
 
+import huggingface_hub
 import pytest
 import segmentation_models_pytorch as smp
 import timm
@@ -14,6 +15,8 @@ from safetensors.torch import save_file
 from errors import UserError
 from models.factory import (BACKBONES, DECODERS, build_model, check_backbone, check_decoder, check_pair,
                             check_weights)
+
+from .conftest import use_hub_cache
 
 # Two small smp encoders for every decoder, except DPT, which takes only ViT-style timm encoders: timm's
 # tiny test ViTs (0.4M parameters) stand in there.
@@ -121,11 +124,8 @@ def test_check_pair_allocates_no_weights():
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
     """Empty Hugging Face and torch hub caches, no network; yields the Hugging Face hub cache folder."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    use_hub_cache(monkeypatch, tmp_path / "hf" / "hub")
     return tmp_path / "hf" / "hub"
 
 
@@ -147,7 +147,8 @@ def test_missing_pretrained_weights_are_a_clear_error_not_random_init(empty_cach
     assert message.startswith("backbone resnet18 with encoder_weights 'imagenet' needs smp-hub/resnet18.imagenet "
                               f"(model.safetensors) in the Hugging Face cache {empty_caches}, which lacks it")
     assert "(HF_HUB_OFFLINE is set)" in message
-    assert (f"`hf download smp-hub/resnet18.imagenet model.safetensors --revision {SMP_RESNET18_REVISION}` and copy "
+    assert (f"`hf download smp-hub/resnet18.imagenet model.safetensors config.json --revision {SMP_RESNET18_REVISION}` "
+            "and copy "
             f"~/.cache/huggingface/hub/models--smp-hub--resnet18.imagenet into {empty_caches}") in message
     assert message.endswith("or set encoder_weights: null") and "\n" not in message
     with pytest.raises(UserError, match="needs timm/test_resnet.r160_in1k \\(model.safetensors or pytorch_model"):
@@ -157,10 +158,10 @@ def test_missing_pretrained_weights_are_a_clear_error_not_random_init(empty_cach
 
 
 def test_an_unreachable_hub_fails_in_seconds_not_after_retries(empty_caches, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    use_hub_cache(monkeypatch, empty_caches, offline=False)
     for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     start = time.perf_counter()
     with pytest.raises(UserError, match="cannot download it \\(127.0.0.1 cannot be reached\\)"):
         build_model("Unet", "resnet18", 3, encoder_weights="imagenet")
