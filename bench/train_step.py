@@ -34,10 +34,11 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from models.factory import NORMALIZATION, build_model  # noqa: E402
+from models.factory import build_model
+from models.weights import DEFAULT_NORMALIZATION  # noqa: E402
 from models.inference import normalize  # noqa: E402
 from models.losses import build_loss  # noqa: E402
-from models.metrics import IGNORE_INDEX  # noqa: E402
+from labels import IGNORE  # noqa: E402
 from models.optim import (AMP_MODES, build_optimizer, build_scaler, build_scheduler, resolve_amp,  # noqa: E402
                           resolve_channels_last)
 from models.training import place_model, train_epoch  # noqa: E402
@@ -76,7 +77,7 @@ class ProjectStep:
         self.scaler = build_scaler(amp, device)
 
     def __call__(self) -> None:
-        train_epoch(self.model, self.batches, self.loss_fn, self.optimizer, self.device, NORMALIZATION,
+        train_epoch(self.model, self.batches, self.loss_fn, self.optimizer, self.device, DEFAULT_NORMALIZATION,
                     scheduler=self.scheduler, amp=self.amp, scaler=self.scaler, channels_last=self.channels_last)
 
 
@@ -85,11 +86,11 @@ class PlainStep:
 
     def __init__(self, batches, num_classes, device, amp, channels_last):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.batches = [(normalize(images.to(device), NORMALIZATION).contiguous(memory_format=memory_format),
+        self.batches = [(normalize(images.to(device), DEFAULT_NORMALIZATION).contiguous(memory_format=memory_format),
                          masks.to(device).long()) for images, masks in batches]
         self.device, self.amp = device, amp
         self.model = fresh_model(num_classes, device, channels_last)
-        self.loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 

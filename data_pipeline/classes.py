@@ -34,18 +34,18 @@ cache keys.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from checks import did_you_mean, reject_unknown_keys
 from errors import UserError
+from labels import IGNORE
 from yaml_file import load_yaml
 
 BACKGROUND = "Background"
-IGNORE = 255  # the label losses and the metric skip (models.metrics.IGNORE_INDEX)
 MAX_CLASSES = IGNORE  # labels 0..254, Background included, fit below the ignore label
 
 UNMAPPED_POLICIES = ("keep", "background", "ignore", "error")
@@ -92,7 +92,7 @@ class ClassMap:
         """The class map of a mapping in the file format (as read from YAML or made by to_dict)."""
         if not isinstance(raw, dict):
             raise UserError(f"a class map must be a mapping with keys {', '.join(FILE_KEYS)}")
-        _reject_unknown_keys(raw, FILE_KEYS, "")
+        reject_unknown_keys(raw, FILE_KEYS, "")
         policy, names = _parse_unknown(raw.get("unknown"))
         return cls(map=_parse_map(raw.get("map")), classes=_parse_classes(raw.get("classes")),
                    unmapped=raw.get("unmapped", "keep"), unknown_policy=policy, unknown_names=names)
@@ -127,14 +127,14 @@ class ClassMap:
             return self._own_name(name, "unknown: keep" if is_unknown else "unmapped: keep")
         if self.unmapped == "error":
             raise UserError(f"category {name!r} is not in the class map (unmapped: error)"
-                            f"{_did_you_mean(name, [source for source, _ in self.map])}")
+                            f"{did_you_mean(name, [source for source, _ in self.map])}")
         return _policy_target(self.unmapped)
 
     def _own_name(self, name: str, reason: str) -> str:
         """A category kept under its own name, which `classes` (when given) must list."""
         if self.classes is not None and _canonical(name) not in (BACKGROUND, *self.classes):
             raise UserError(f"category {name!r} keeps its name ({reason}) but is not in the class map's "
-                            f"classes{_did_you_mean(name, self.classes)}")
+                            f"classes{did_you_mean(name, self.classes)}")
         return _canonical(name)
 
 
@@ -244,7 +244,7 @@ def _parse_unknown(raw) -> tuple[str, tuple[str, ...]]:
     if not isinstance(raw, dict):
         raise UserError(f"unknown: expected a policy ({' | '.join(UNKNOWN_POLICIES)}) or a mapping "
                         f"with {' and '.join(UNKNOWN_KEYS)}, got {raw!r}")
-    _reject_unknown_keys(raw, UNKNOWN_KEYS, "unknown.")
+    reject_unknown_keys(raw, UNKNOWN_KEYS, "unknown.")
     names = raw.get("names", list(DEFAULT_UNKNOWN_NAMES))
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise UserError(f"unknown.names: expected a non-empty list of category names, got {names!r}")
@@ -270,21 +270,9 @@ def _check_classes(classes) -> None:
 def _check_target_listed(key: str, target: str | None, classes: tuple[str, ...]) -> None:
     if target is None or _canonical(target) == BACKGROUND or target in classes:
         return
-    raise UserError(f"{key}: target {target!r} is not in classes{_did_you_mean(target, classes)}")
+    raise UserError(f"{key}: target {target!r} is not in classes{did_you_mean(target, classes)}")
 
 
 def _check_choice(key: str, value, options: tuple[str, ...]) -> None:
     if value not in options:
         raise UserError(f"{key}: {value!r} is not one of {', '.join(options)}")
-
-
-def _reject_unknown_keys(mapping: dict, known: tuple[str, ...], prefix: str) -> None:
-    for key in mapping:
-        if key not in known:
-            hint = _did_you_mean(str(key), known) or f"; known: {', '.join(known)}"
-            raise UserError(f"unknown key {prefix}{key}{hint}")
-
-
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler, WeightedRandomSampler
 
-from models.metrics import IGNORE_INDEX
+from labels import BACKGROUND, IGNORE
 
-from .splits import BACKGROUND, image_classes_from_masks, iter_chunks
+from .splits import image_classes_from_masks, iter_chunks
 
 CLASS_WEIGHT_MODES = ("none", "inverse", "sqrt_inverse")
 SAMPLERS = ("uniform", "rare")
@@ -24,7 +24,7 @@ def class_pixel_frequencies(masks: np.ndarray, num_classes: int) -> np.ndarray:
     counts = np.zeros(256, np.int64)
     for _, chunk in iter_chunks(np.asarray(masks)):
         counts += np.bincount(chunk.ravel(), minlength=256)
-    counts[IGNORE_INDEX] = 0
+    counts[IGNORE] = 0
     unknown = np.flatnonzero(counts[num_classes:])
     if len(unknown):
         labels = (unknown + num_classes).tolist()
@@ -64,13 +64,22 @@ def rare_class_sample_weights(masks_or_image_classes: np.ndarray | Sequence[Iter
     images get the smallest weight any image with a class gets (1 if no image has a class).
     """
     presence = _class_presence(masks_or_image_classes, num_classes)
-    image_frequency = presence.mean(0)
-    with np.errstate(divide="ignore"):
-        rarity = np.where(image_frequency > 0, image_frequency ** -0.5, 0.0)
-    weights = (presence * rarity).max(1, initial=0.0)
+    weights = (presence * _rarity(presence)).max(1, initial=0.0)
     has_class = presence.any(1)
     weights[~has_class] = weights[has_class].min() if has_class.any() else 1.0
     return weights
+
+
+def class_rarity(masks_or_image_classes: np.ndarray | Sequence[Iterable[int]], num_classes: int) -> np.ndarray:
+    """float64 [num_classes]: 1/sqrt(share of images containing the class), 0 for background and for
+    classes no image contains (what augment.Crop draws the class of a focused crop by)."""
+    return _rarity(_class_presence(masks_or_image_classes, num_classes))
+
+
+def _rarity(presence: np.ndarray) -> np.ndarray:
+    image_frequency = presence.mean(0)
+    with np.errstate(divide="ignore"):
+        return np.where(image_frequency > 0, image_frequency ** -0.5, 0.0)
 
 
 def build_sampler(name: str, masks: np.ndarray, num_classes: int,
@@ -93,7 +102,7 @@ def _class_presence(masks_or_image_classes, num_classes: int) -> np.ndarray:
         image_classes = masks_or_image_classes
     presence = np.zeros((len(image_classes), num_classes), bool)
     for i, classes in enumerate(image_classes):
-        classes = sorted({int(c) for c in classes} - {BACKGROUND, IGNORE_INDEX})
+        classes = sorted({int(c) for c in classes} - {BACKGROUND, IGNORE})
         unknown = [c for c in classes if not 0 < c < num_classes]
         if unknown:
             raise ValueError(f"image {i} has classes {unknown} outside 1..{num_classes - 1}")

@@ -18,7 +18,9 @@ import numpy as np
 from atomic_file import write_atomically
 from errors import UserError, run_cli
 
-from .classes import IGNORE, ClassMap
+from labels import IGNORE
+
+from .classes import ClassMap
 from .coco import CocoSegmentation
 from .validate import ValidationReport, check_usable, validate_dataset
 

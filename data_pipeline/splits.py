@@ -15,9 +15,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from models.metrics import IGNORE_INDEX
+from labels import BACKGROUND, IGNORE
 
-BACKGROUND = 0
 _NO_CLASS = -1  # pseudo-label of background-only images
 _CHUNK_PIXELS = 1 << 22  # bincount copies its input as int64: ~32 MiB per chunk
 
@@ -28,7 +27,7 @@ def image_classes_from_masks(masks: np.ndarray) -> list[frozenset[int]]:
     Reads masks chunk by chunk (a memmap is never loaded whole) and never writes to it.
     """
     presence = _label_presence(masks)
-    presence[:, [BACKGROUND, IGNORE_INDEX]] = False
+    presence[:, [BACKGROUND, IGNORE]] = False
     return [frozenset(np.flatnonzero(row).tolist()) for row in presence]
 
 
@@ -131,7 +130,7 @@ def _check_folds(folds: int, num_images: int) -> None:
 
 
 def _sorted_labels(classes: Iterable[int]) -> tuple[int, ...]:
-    labels = sorted({int(c) for c in classes} - {BACKGROUND, IGNORE_INDEX})
+    labels = sorted({int(c) for c in classes} - {BACKGROUND, IGNORE})
     return tuple(labels) or (_NO_CLASS,)
 
 

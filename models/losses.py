@@ -1,5 +1,5 @@
 """Loss registry: single losses by name and weighted sums of them. Every loss ignores pixels
-labelled IGNORE_INDEX (255).
+labelled IGNORE (255).
 
 Names (all multiclass, from logits [B, C, H, W] and long targets [B, H, W]):
   ce       cross-entropy (torch), optional `label_smoothing`
@@ -25,9 +25,7 @@ ce when every labelled pixel's class weight is 0.
 """
 from __future__ import annotations
 
-import difflib
 import math
-from numbers import Real
 from typing import Callable, Optional
 
 import segmentation_models_pytorch as smp
@@ -35,9 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checks import did_you_mean, is_number, number
 from errors import UserError
+from labels import IGNORE
 
-from .metrics import IGNORE_INDEX
 
 Weights = Optional[torch.Tensor]
 LossTerms = tuple[tuple[str, float], ...]
@@ -53,9 +52,9 @@ class CrossEntropy(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        per_pixel = F.cross_entropy(logits, target, weight=self.weight, ignore_index=IGNORE_INDEX,
+        per_pixel = F.cross_entropy(logits, target, weight=self.weight, ignore_index=IGNORE,
                                     reduction="none", label_smoothing=self.label_smoothing)
-        valid = target != IGNORE_INDEX
+        valid = target != IGNORE
         if self.weight is None:
             pixel_weights = valid.to(per_pixel.dtype)
         else:
@@ -82,7 +81,7 @@ class WeightedLoss(nn.Module):
         total = sum(self.weights[name] * term(logits, target) for name, term in self.terms.items())
         # smp's focal loss is nan (a mean over no pixels) when every pixel is ignored. where() gives
         # 0 and a zero gradient there, without a GPU sync.
-        return torch.where((target != IGNORE_INDEX).any(), total, torch.zeros_like(total))
+        return torch.where((target != IGNORE).any(), total, torch.zeros_like(total))
 
 
 def _ratio_or_zero(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -114,27 +113,27 @@ def _focal(config: dict, class_weights: Weights) -> nn.Module:
     alpha = _param(config, "focal_alpha")
     return _weights_as_buffer(smp.losses.FocalLoss(
         mode="multiclass", gamma=float(_param(config, "focal_gamma")), alpha=None if alpha is None else float(alpha),
-        ignore_index=IGNORE_INDEX, class_weights=class_weights))
+        ignore_index=IGNORE, class_weights=class_weights))
 
 
 def _dice(config: dict, class_weights: Weights) -> nn.Module:
-    return _weights_as_buffer(smp.losses.DiceLoss(mode="multiclass", ignore_index=IGNORE_INDEX,
+    return _weights_as_buffer(smp.losses.DiceLoss(mode="multiclass", ignore_index=IGNORE,
                                                   class_weights=class_weights))
 
 
 def _jaccard(config: dict, class_weights: Weights) -> nn.Module:
-    return _weights_as_buffer(smp.losses.JaccardLoss(mode="multiclass", ignore_index=IGNORE_INDEX,
+    return _weights_as_buffer(smp.losses.JaccardLoss(mode="multiclass", ignore_index=IGNORE,
                                                      class_weights=class_weights))
 
 
 def _lovasz(config: dict, class_weights: Weights) -> nn.Module:
-    return Lovasz(mode="multiclass", ignore_index=IGNORE_INDEX)  # no class weights in smp's Lovasz
+    return Lovasz(mode="multiclass", ignore_index=IGNORE)  # no class weights in smp's Lovasz
 
 
 def _tversky(config: dict, class_weights: Weights) -> nn.Module:
     return _weights_as_buffer(smp.losses.TverskyLoss(
         mode="multiclass", alpha=float(_param(config, "tversky_alpha")), beta=float(_param(config, "tversky_beta")),
-        ignore_index=IGNORE_INDEX, class_weights=class_weights))
+        ignore_index=IGNORE, class_weights=class_weights))
 
 
 LOSSES: dict[str, Callable[[dict, Weights], nn.Module]] = {
@@ -228,7 +227,7 @@ def _weight_from_text(text: str, spec: str) -> float:
 
 
 def _checked_weight(weight, spec) -> float:
-    if not _is_number(weight) or not math.isfinite(weight) or weight <= 0:
+    if not is_number(weight) or weight <= 0:
         raise UserError(f"bad weight {weight!r} in loss {spec!r}: expected a number > 0")
     return float(weight)
 
@@ -237,9 +236,8 @@ def _checked_name(name, spec) -> str:
     if name in LOSSES:
         return name
     where = "" if name == spec else f" in {spec!r}"
-    close = difflib.get_close_matches(str(name).lower(), LOSSES, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(LOSSES)}"
-    raise UserError(f"unknown loss {name!r}{where} ({hint})")
+    hint = did_you_mean(str(name).lower(), LOSSES) or f" (choose from {', '.join(LOSSES)})"
+    raise UserError(f"unknown loss {name!r}{where}{hint}")
 
 
 def loss_label(value) -> str:
@@ -254,41 +252,18 @@ def _format_weight(weight: float) -> str:
     return text.removesuffix(".0")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _positive_number(value) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise UserError(f"expected a positive number, got {value!r}")
-
-
-def _non_negative_number(value) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise UserError(f"expected a non-negative number, got {value!r}")
-
-
-def _label_smoothing(value) -> None:
-    if not _is_number(value) or not 0 <= value < 1:
-        raise UserError(f"label_smoothing must be a number with 0 <= x < 1, got {value!r}")
-
-
-def _focal_alpha(value) -> None:
-    if value is not None and (not _is_number(value) or not 0 < value < 1):
-        raise UserError(f"focal_alpha must be null or a number with 0 < x < 1, got {value!r}")
-
-
 def _loss_spec(value) -> None:
     parse_loss(value)
 
 
 # Trial parameters of the loss, each with the check of one value and its default (search.space
 # merges them into its TRIAL_PARAMS).
+_positive_number = number(low=0, low_open=True, expected="a positive number")
 LOSS_PARAMS = {
     "loss": (_loss_spec, "ce"),
-    "label_smoothing": (_label_smoothing, 0.0),
-    "focal_gamma": (_non_negative_number, 2.0),  # 0: alpha-balanced one-vs-rest BCE
-    "focal_alpha": (_focal_alpha, None),
+    "label_smoothing": (number(0, 1, high_open=True, name="label_smoothing"), 0.0),
+    "focal_gamma": (number(low=0, expected="a non-negative number"), 2.0),  # 0: alpha-balanced one-vs-rest BCE
+    "focal_alpha": (number(0, 1, low_open=True, high_open=True, optional=True, name="focal_alpha"), None),
     "tversky_alpha": (_positive_number, 0.5),
     "tversky_beta": (_positive_number, 0.5),
 }

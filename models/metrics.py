@@ -10,17 +10,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from labels import IGNORE
+
 # What evaluation reports per epoch, each with its direction: any of them can rank trials.
 METRIC_MODES = {"val_miou": "max", "val_image_miou": "max", "val_pixel_acc": "max", "val_loss": "min"}
 
 
 def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts (true class, predicted class) over pixels whose target is not IGNORE_INDEX.
+    """Counts (true class, predicted class) over pixels whose target is not IGNORE.
 
     Works on any device; returns an int64 [num_classes, num_classes] tensor (rows = truth).
     """
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORE
     index = target[valid].long() * num_classes + pred[valid].long()
     return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
@@ -52,7 +53,7 @@ def image_mious(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> t
     One batched bincount (image index offsets the pair index), so it runs on the device.
     """
     batch = target.shape[0]
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORE
     image = torch.arange(batch, device=target.device).view(-1, *([1] * (target.dim() - 1))).expand_as(target)
     index = (image[valid] * num_classes + target[valid].long()) * num_classes + pred[valid].long()
     conf = torch.bincount(index, minlength=batch * num_classes ** 2).view(batch, num_classes, num_classes).double()

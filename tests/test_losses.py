@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from errors import UserError
 from models.losses import LOSS_PARAMS, LOSS_TERM_PARAMS, LOSSES, build_loss, loss_label, parse_loss
-from models.metrics import IGNORE_INDEX
+from labels import IGNORE
 
 # Every loss parameter away from its default, so the ignore/gradient tests exercise them.
 ALL_PARAMS = {"focal_gamma": 1.5, "focal_alpha": 0.25, "label_smoothing": 0.1, "tversky_alpha": 0.3,
@@ -20,7 +20,7 @@ def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, 4, 6, 6, generator=g)
     target = torch.randint(0, 4, (2, 6, 6), generator=g)
-    target[0, :2] = IGNORE_INDEX
+    target[0, :2] = IGNORE
     return logits, target
 
 
@@ -42,7 +42,7 @@ def _ce_by_hand(logits, target, weights=None, smoothing=0.0):
     weights = [1.0] * num_classes if weights is None else weights
     total, weight_sum = 0.0, 0.0
     log_probs = logits.log_softmax(1)
-    for n, i, j in torch.nonzero(target != IGNORE_INDEX).tolist():
+    for n, i, j in torch.nonzero(target != IGNORE).tolist():
         y = int(target[n, i, j])
         smooth = sum(weights[c] * -float(log_probs[n, c, i, j]) for c in range(num_classes))
         total += (1 - smoothing) * weights[y] * -float(log_probs[n, y, i, j]) + smoothing / num_classes * smooth
@@ -53,7 +53,7 @@ def _ce_by_hand(logits, target, weights=None, smoothing=0.0):
 def _sigmoid_focal_by_hand(logits, target, gamma, weights=None, alpha=None):
     """smp's multiclass focal loss: one-vs-rest sigmoid focal per class (alpha on positives, 1-alpha on
     negatives), mean over valid pixels, then the (weighted) mean over classes."""
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORE
     per_class = []
     for c in range(logits.shape[1]):
         x, y = logits[:, c][valid], (target[valid] == c).float()
@@ -66,7 +66,7 @@ def _sigmoid_focal_by_hand(logits, target, gamma, weights=None, alpha=None):
 def _soft_overlap_by_hand(logits, target, score, weights=None):
     """1 - score(p, y) per class, p the softmax of the valid pixels and y their one-hot truth (0 for a
     class absent from the target), then the (weighted) mean over classes."""
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORE
     probs = logits.softmax(1)
     per_class = []
     for c in range(logits.shape[1]):
@@ -104,7 +104,7 @@ def _jaccard_loss_of_set(foreground: set, wrong: set) -> float:
 def _lovasz_by_hand(logits, target):
     """Lovasz extension of the per-class IoU loss at the errors m_i = |[y_i = c] - p_ic|, mean over the
     classes present: sum_k m_(k) (Δ({π1..πk}) - Δ({π1..πk-1})) with pixels sorted by decreasing error."""
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORE
     probs = logits.softmax(1).permute(0, 2, 3, 1)[valid]  # [P, C]
     labels = target[valid].tolist()
     per_class = []
@@ -170,7 +170,7 @@ def test_region_losses_on_two_pixels(name, params, expected):
 
 def test_ce_matches_torch_reference():
     logits, target = _batch()
-    expected = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    expected = F.cross_entropy(logits, target, ignore_index=IGNORE)
     assert torch.allclose(build_loss({"loss": "ce"})(logits, target), expected)
 
 
@@ -280,7 +280,7 @@ def test_every_loss_ignores_pixels_labelled_255(name, weights):
 def test_an_all_ignored_batch_gives_zero_and_zero_gradients(name, weights):
     logits, _ = _batch()
     logits.requires_grad_(True)
-    target = torch.full((2, 6, 6), IGNORE_INDEX)
+    target = torch.full((2, 6, 6), IGNORE)
     loss = _loss(name, weights)(logits, target)
     assert loss.shape == () and loss.item() == 0.0
     loss.backward()
@@ -289,7 +289,7 @@ def test_an_all_ignored_batch_gives_zero_and_zero_gradients(name, weights):
 
 def test_ce_is_zero_not_nan_when_every_labelled_pixel_has_weight_zero():
     logits, target = _batch()
-    target[target != IGNORE_INDEX] = 2
+    target[target != IGNORE] = 2
     logits.requires_grad_(True)
     loss = _loss("ce", [1.0, 1.0, 0.0, 1.0], label_smoothing=0.1)(logits, target)
     assert loss.item() == 0.0
@@ -313,7 +313,7 @@ def test_zero_weight_removes_a_class_from_ce():
     class_2 = (target == 2).unsqueeze(1).expand_as(logits)
     changed[class_2] = torch.randn(int(class_2.sum())) * 10  # only pixels of class 2 change
     assert torch.allclose(loss(logits, target), loss(changed, target), atol=1e-6)
-    kept = (target != 2) & (target != IGNORE_INDEX)
+    kept = (target != 2) & (target != IGNORE)
     assert torch.allclose(loss(logits, target), F.cross_entropy(logits.permute(0, 2, 3, 1)[kept], target[kept]),
                           atol=1e-6)
 
@@ -358,7 +358,7 @@ def test_gradients_flow_for_every_loss(name, weights):
     logits, target = _batch()
     logits.requires_grad_(True)
     _loss(name, weights)(logits, target).backward()
-    labelled = (target != IGNORE_INDEX).unsqueeze(1).expand_as(logits)
+    labelled = (target != IGNORE).unsqueeze(1).expand_as(logits)
     assert torch.isfinite(logits.grad).all() and logits.grad[labelled].abs().sum() > 0
 
 
@@ -474,7 +474,7 @@ def test_build_loss_names_a_bad_parameter():
 
 def test_missing_parameters_take_their_defaults():
     logits, target = _batch()
-    assert torch.allclose(build_loss({})(logits, target), F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX))
+    assert torch.allclose(build_loss({})(logits, target), F.cross_entropy(logits, target, ignore_index=IGNORE))
     assert torch.allclose(build_loss({"loss": "focal"})(logits, target), _sigmoid_focal_by_hand(logits, target, 2.0),
                           atol=1e-5)
 

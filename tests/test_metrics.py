@@ -1,11 +1,12 @@
 import numpy as np
 import torch
 
-from models.metrics import IGNORE_INDEX, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from labels import IGNORE
+from models.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 
 def test_confusion_matrix_counts_pairs_and_skips_ignored_pixels():
-    target = torch.tensor([[0, 0, 1], [1, 2, IGNORE_INDEX]])
+    target = torch.tensor([[0, 0, 1], [1, 2, IGNORE]])
     pred = torch.tensor([[0, 1, 1], [1, 0, 2]])
     conf = confusion_matrix(target, pred, 3)
     expected = torch.tensor([[1, 1, 0], [0, 2, 0], [1, 0, 0]])
@@ -39,8 +40,8 @@ def test_image_mious_average_each_image_over_its_own_classes():
     from models.metrics import image_mious
 
     target = torch.tensor([[[0, 0], [1, 1]],                        # image 0
-                           [[2, 2], [2, IGNORE_INDEX]],             # image 1
-                           [[IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX]]])  # all ignored
+                           [[2, 2], [2, IGNORE]],             # image 1
+                           [[IGNORE, IGNORE], [IGNORE, IGNORE]]])  # all ignored
     pred = torch.tensor([[[0, 1], [1, 1]],
                          [[2, 2], [0, 0]],
                          [[1, 1], [1, 1]]])
@@ -69,5 +70,5 @@ def test_all_wrong_and_all_ignored_cases():
     wrong = 1 - target
     assert mean_iou(confusion_matrix(target, wrong, 2)) == 0.0
     assert torch.equal(image_mious(target[None], wrong[None], 2), torch.tensor([0.0], dtype=torch.float64))
-    ignored = torch.full((2, 2), IGNORE_INDEX)
+    ignored = torch.full((2, 2), IGNORE)
     assert mean_iou(confusion_matrix(ignored, target, 2)) == 0.0  # nothing to score

@@ -13,7 +13,8 @@ from data_pipeline.classes import ClassMap, unknown_label
 from models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from models.factory import DECODERS, build_model
 from models.losses import build_loss
-from models.metrics import IGNORE_INDEX, confusion_matrix, mean_iou
+from labels import IGNORE
+from models.metrics import confusion_matrix, mean_iou
 from models.open_set import (SOFTMAX_THRESHOLDS, UNKNOWN_LOGIT, KnownClassHead, OpenSetLoss, Relabelled,
                              ThresholdSweep, UnknownScoring, entropic_open_set, known_class_head, known_targets,
                              open_set_loss)
@@ -49,10 +50,10 @@ def test_entropic_open_set_loss_matches_a_hand_computation():
     assert loss.item() == pytest.approx((ce + eos) / 2, rel=1e-6)
     # ignored pixels count nowhere; a batch of them gives 0 with a zero gradient
     with_ignored = OpenSetLoss(build_loss({"loss": "ce"}), U)(
-        torch.cat([logits, logits], dim=3), torch.tensor([[[3, U, IGNORE_INDEX, IGNORE_INDEX]]]))
+        torch.cat([logits, logits], dim=3), torch.tensor([[[3, U, IGNORE, IGNORE]]]))
     assert with_ignored.item() == pytest.approx(loss.item(), rel=1e-6)
     nothing = logits.clone().requires_grad_()
-    zero = OpenSetLoss(build_loss({"loss": "ce"}), U)(nothing, torch.full((1, 1, 2), IGNORE_INDEX))
+    zero = OpenSetLoss(build_loss({"loss": "ce"}), U)(nothing, torch.full((1, 1, 2), IGNORE))
     zero.backward()
     assert zero.item() == 0 and not nothing.grad.any()
 
@@ -71,8 +72,8 @@ def test_objectosphere_term_matches_a_hand_computation():
 
 
 def test_known_targets_and_relabelling():
-    target = torch.tensor([0, 1, U, 3, IGNORE_INDEX])
-    assert known_targets(target, U).tolist() == [0, 1, IGNORE_INDEX, 2, IGNORE_INDEX]
+    target = torch.tensor([0, 1, U, 3, IGNORE])
+    assert known_targets(target, U).tolist() == [0, 1, IGNORE, 2, IGNORE]
     seen = []
 
     class Spy(nn.Module):
@@ -81,8 +82,8 @@ def test_known_targets_and_relabelling():
             return logits.sum()
 
     Relabelled(Spy(), U, 0)(torch.zeros(1), target)
-    Relabelled(Spy(), U, IGNORE_INDEX)(torch.zeros(1), target)
-    assert seen == [[0, 1, 0, 3, IGNORE_INDEX], [0, 1, IGNORE_INDEX, 3, IGNORE_INDEX]]
+    Relabelled(Spy(), U, IGNORE)(torch.zeros(1), target)
+    assert seen == [[0, 1, 0, 3, IGNORE], [0, 1, IGNORE, 3, IGNORE]]
 
 
 @pytest.mark.parametrize("decoder", sorted(set(DECODERS.values()) - {"DPT"}))  # DPT takes timm encoders only
@@ -90,7 +91,7 @@ def test_open_set_models_train_with_every_decoder(decoder):
     torch.manual_seed(0)
     model = build_model(decoder, "resnet18", num_classes=5, unknown_label=U)
     target = torch.randint(0, 5, (2, 128, 128))
-    target[:, :8] = IGNORE_INDEX
+    target[:, :8] = IGNORE
     cfg = {"unknown": "open_set", "objectosphere_margin": 5.0}
     loss = open_set_loss("open_set", build_loss({"loss": "focal", "focal_gamma": 0.5}), U, model, cfg)
     model.train()
@@ -124,7 +125,7 @@ def test_threshold_sweep_finds_the_known_optimum():
     # known pixels are right and confident (0.6..0.9); UNKNOWN ones are predicted as class 1 with
     # scores 0.30..0.45: rejecting below any threshold in (0.45, 0.6] is perfect, 0.46 is the lowest.
     generator = torch.Generator().manual_seed(0)
-    truth = torch.tensor([0] * 40 + [1] * 30 + [3] * 20 + [U] * 25 + [IGNORE_INDEX] * 5)
+    truth = torch.tensor([0] * 40 + [1] * 30 + [3] * 20 + [U] * 25 + [IGNORE] * 5)
     labels = torch.where(truth == U, 1, truth)
     labels[-5:] = 0
     scores = torch.empty(len(truth)).uniform_(0.6, 0.9, generator=generator)
@@ -206,9 +207,9 @@ def test_an_open_set_trial_rejects_at_its_best_val_threshold(sample_root, tmp_pa
     conf = torch.zeros(11, 11, dtype=torch.long)
     for images, masks in trial.val_loader:
         from models.inference import predict_batch
-        from models.factory import NORMALIZATION
+        from models.weights import DEFAULT_NORMALIZATION
 
-        probs = predict_batch(model, images, normalization=NORMALIZATION)
+        probs = predict_batch(model, images, normalization=DEFAULT_NORMALIZATION)
         scores = probs.max(1).values if margin is None else head.magnitude
         labels = torch.where(scores < rule["threshold"], 10, probs.argmax(1))
         conf += confusion_matrix(masks.long(), labels, 11)
@@ -226,7 +227,7 @@ def test_closed_set_treatments_report_how_often_unknown_is_predicted(sample_root
     assert 0 <= reports[0]["val_unknown_rejected"] <= 1
     logits, target = torch.randn(1, 11, 2, 2), torch.tensor([[[10, 1], [10, 2]]])
     relabelled = {"keep": target, "background": torch.where(target == 10, 0, target),
-                  "ignore": torch.where(target == 10, IGNORE_INDEX, target)}[treatment]
+                  "ignore": torch.where(target == 10, IGNORE, target)}[treatment]
     assert trial.loss_fn(logits, target).item() == pytest.approx(build_loss({"loss": "ce"})(logits, relabelled).item())
 
 

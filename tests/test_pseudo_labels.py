@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipeline.classes import IGNORE
+from labels import IGNORE
 from data_pipeline.coco import CocoSegmentation
 from data_pipeline.pseudo_labels import UNCERTAIN, pseudo_class_map, write_pseudo_labels
 from data_pipeline.trial_data import DataSpec

@@ -3,7 +3,7 @@ import pytest
 
 from data_pipeline import splits
 from data_pipeline.splits import fold_assignment, image_classes_from_masks, kfold_indices
-from models.metrics import IGNORE_INDEX
+from labels import IGNORE
 
 def _crafted_images():
     """120 images: classes 1 (rare) .. 5 (in most images) co-occurring at random, some background only."""
@@ -74,10 +74,10 @@ def test_bad_folds_or_fold_are_rejected(folds, fold, message):
 def test_image_classes_from_masks_skip_background_and_ignore(tmp_path, monkeypatch):
     masks = np.zeros((3, 4, 5), np.uint8)
     masks[0, 1, 2] = 3
-    masks[0, 3, :] = IGNORE_INDEX
+    masks[0, 3, :] = IGNORE
     masks[1, 0, 0] = 1
     masks[1, 2, 2] = 4
-    masks[2, :, :] = IGNORE_INDEX
+    masks[2, :, :] = IGNORE
     expected = [frozenset({3}), frozenset({1, 4}), frozenset()]
     assert image_classes_from_masks(masks) == expected
 
