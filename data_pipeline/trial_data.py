@@ -16,15 +16,18 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
+from checks import reject_unknown_keys, typed_values
+from errors import UserError
+from labels import BACKGROUND, IGNORE
+
 from .cache import file_digest, load_split
-from .classes import ClassMap
+from .classes import UNKNOWN_POLICIES, ClassMap, class_map_for
 from .coco import CocoSegmentation
 from .dataset import Split
 from .pseudo_labels import pseudo_class_map
 from .splits import kfold_indices
 
 SPLITS = ("given", "kfold")
-IGNORED_LABELS = {0, 255}
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,30 @@ class DataSpec:
     CONFIG_KEYS = {"root": "data_root", "train": "train_ann", "val": "val_ann", "test": "test_ann",
                    "train_all": "train_all_ann", "skip": "skip_images", "pseudo_labels": "pseudo_label_anns"}
     LISTS = ("skip", "pseudo_labels")
+    TRIAL_PARAM = "fold"  # searched per trial (search.space), so not one of the constants of to_config
+    # What a search space's data: section sets, besides class_map (a class-map file) and unknown.
+    SECTION_KEYS = ("train", "val", "test", "split", "train_all", "folds", "split_seed", "pseudo_labels")
+
+    @classmethod
+    def from_section(cls, raw, space_dir: Path) -> "DataSpec":
+        """The data: section of a search space (root and skipped images are set at launch): its
+        class_map file, relative to space_dir, is loaded with the `unknown` policy."""
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise UserError("'data' must be a mapping")
+        reject_unknown_keys(raw, sorted((*cls.SECTION_KEYS, "class_map", "unknown")), "data.")
+        files = {key: raw[key] for key in ("class_map", "unknown") if raw.get(key) is not None}
+        for key, value in files.items():
+            if not isinstance(value, str):
+                raise UserError(f"data.{key}: expected str, got {value!r}")
+        values = typed_values({k: v for k, v in raw.items() if k in cls.SECTION_KEYS}, cls(root=""), "data")
+        class_map = _section_class_map(files.get("class_map"), files.get("unknown"), space_dir)
+        spec = cls(root="", **values, class_map=class_map.to_dict() if class_map else None)
+        if spec.split not in SPLITS:
+            raise UserError(f"data.split must be one of {', '.join(SPLITS)}, got {spec.split!r}")
+        if spec.folds < 2:
+            raise UserError(f"data.folds must be at least 2, got {spec.folds}")
+        return spec
 
     @classmethod
     def from_config(cls, config: dict, root: str | Path | None = None) -> "DataSpec":
@@ -59,7 +86,12 @@ class DataSpec:
         return cls(**values)
 
     def to_config(self) -> dict:
+        """This spec as trial-config entries (from_config reads them back)."""
         return {self.CONFIG_KEYS.get(k, k): (list(v) if k in self.LISTS else v) for k, v in asdict(self).items()}
+
+    def constants(self) -> dict:
+        """to_config less the fold, a trial parameter that a search may vary."""
+        return {k: v for k, v in self.to_config().items() if k != self.TRIAL_PARAM}
 
     def classes(self) -> ClassMap | None:
         return ClassMap.from_dict(self.class_map) if self.class_map else None
@@ -95,9 +127,9 @@ class DataSpec:
     def val_fingerprint(self) -> str:
         """A digest of everything the val set depends on (annotations, split, classes, skipped images)."""
         ann = self.val if self.split == "given" else self.train_all
-        parts = [file_digest(Path(self.root) / ann), self.to_config()]
-        del parts[1]["data_root"]  # the same data elsewhere has the same val set
-        del parts[1]["pseudo_label_anns"]  # training images only
+        # the same data elsewhere has the same val set; pseudo-labels add training images only
+        settings = {k: v for k, v in asdict(self).items() if k not in ("root", "pseudo_labels")}
+        parts = [file_digest(Path(self.root) / ann), settings]
         return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def fold_indices(self):
@@ -105,6 +137,15 @@ class DataSpec:
         digest = file_digest(Path(self.root) / self.train_all)
         return _fold_indices(self.root, self.train_all, digest, self.classes(), frozenset(self.skip),
                              self.folds, self.fold, self.split_seed)
+
+
+def _section_class_map(path: str | None, unknown: str | None, space_dir: Path) -> ClassMap | None:
+    if unknown and unknown not in UNKNOWN_POLICIES:
+        raise UserError(f"data.unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
+    file = (space_dir / path) if path else None
+    if file is not None and not file.is_file():
+        raise UserError(f"data.class_map: {file} does not exist")
+    return class_map_for(file, unknown or None)
 
 
 @lru_cache(maxsize=8)
@@ -122,4 +163,4 @@ def image_classes(coco: CocoSegmentation) -> list[frozenset[int]]:
     for ann in coco.coco.dataset.get("annotations", []):
         if ann["image_id"] in by_image:
             by_image[ann["image_id"]].add(label_of[ann["category_id"]])
-    return [frozenset(by_image[i] - IGNORED_LABELS) for i in coco.image_ids]
+    return [frozenset(by_image[i] - {BACKGROUND, IGNORE}) for i in coco.image_ids]

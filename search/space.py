@@ -18,16 +18,16 @@ A space file has three sections:
 """
 from __future__ import annotations
 
-import difflib
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from checks import number, one_of, reject_unknown_keys, typed_values
 from data_pipeline.augment import POLICIES
-from data_pipeline.classes import UNKNOWN_POLICIES, ClassMap, class_map_for
+from data_pipeline.classes import ClassMap
 from data_pipeline.imbalance import CLASS_WEIGHT_MODES, SAMPLERS
-from data_pipeline.trial_data import SPLITS
+from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.factory import check_backbone, check_decoder, check_pair, check_weights
 from models.losses import LOSS_PARAMS, LOSSES, parse_loss
@@ -37,33 +37,14 @@ from models.optim import TRAINING_PARAMS
 from yaml_file import load_yaml
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+NORMALIZATIONS = ("auto", "imagenet")
 
 
-def _positive(value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise UserError(f"expected a positive number, got {value!r}")
-
-
-def _one_of(options) -> Callable[[Any], None]:
-    def check(value) -> None:
-        if value not in options:
-            raise UserError(f"unknown value {value!r}; choose one of {sorted(options)}")
-    return check
-
-
-def _resize(value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 32 or value % 32:
-        raise UserError(f"resize must be an integer multiple of 32 (encoders downsample by 32), got {value!r}")
-
-
-def _batch_size(value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"batch_size must be a positive integer, got {value!r}")
-
-
-def _fold(value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise UserError(f"fold must be a non-negative integer, got {value!r}")
+_positive = number(low=0, low_open=True, expected="a positive number")
+_resize = number(low=32, integer=True, multiple_of=32, name="resize", expected="an integer multiple of 32",
+                 note=" (encoders downsample by 32)")
+_crop = number(low=32, integer=True, multiple_of=32, optional=True, name="crop",
+               expected="null (whole images) or an integer multiple of 32")
 
 
 def _optional_weights(value) -> None:
@@ -76,15 +57,18 @@ TRIAL_PARAMS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "decoder": (check_decoder, "Unet"),
     "backbone": (check_backbone, "resnet18"),
     "encoder_weights": (_optional_weights, None),
+    "normalization": (one_of(NORMALIZATIONS), "auto"),  # auto: the encoder's own mean/std; imagenet
     **LOSS_PARAMS,
-    "augmentation": (_one_of(POLICIES), "flip"),
+    "augmentation": (one_of(POLICIES), "flip"),
     "resize": (_resize, 128),
+    "crop": (_crop, None),  # train on random crop x crop patches of the resized images; predict whole ones
+    "crop_focus": (number(0, 1), 0.0),  # share of crops placed around a rare class's pixel
     "lr": (_positive, 1e-3),
-    "weight_decay": (lambda v: None if v == 0 else _positive(v), 1e-4),
-    "batch_size": (_batch_size, 8),
-    "class_weights": (_one_of(CLASS_WEIGHT_MODES), "none"),
-    "sampler": (_one_of(SAMPLERS), "uniform"),
-    "fold": (_fold, 0),  # used with data.split: kfold
+    "weight_decay": (number(low=0, expected="a positive number or 0"), 1e-4),
+    "batch_size": (number(low=1, integer=True, name="batch_size", expected="a positive integer"), 8),
+    "class_weights": (one_of(CLASS_WEIGHT_MODES), "none"),
+    "sampler": (one_of(SAMPLERS), "uniform"),
+    "fold": (number(low=0, integer=True, name="fold", expected="a non-negative integer"), 0),  # data.split: kfold
     **TRAINING_PARAMS,
     **OPEN_SET_PARAMS,
 }
@@ -106,20 +90,6 @@ class ExperimentSettings:
 
 
 SCHEDULERS = ("asha", "fifo")
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    train: str = "train.json"
-    val: str = "val.json"
-    test: str = "test.json"
-    split: str = "given"
-    train_all: str = "train_all.json"
-    folds: int = 5
-    split_seed: int = 0
-    class_map: str = ""  # path of a class-map YAML, relative to the space file; "" = none
-    unknown: str = ""  # keep | background | ignore; "" = as the class map says, else keep
-    pseudo_labels: tuple = ()  # pseudo-label files (ensemble_select.py --pseudo-labels) added to training
 
 
 @dataclass(frozen=True)
@@ -145,9 +115,13 @@ def _parts(name: str, value) -> set:
 class SearchSpec:
     source: str
     experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
-    data: DataSettings = field(default_factory=DataSettings)
+    data: DataSpec = field(default_factory=lambda: DataSpec(root=""))  # its root and skipped images: at launch
     params: tuple[Param, ...] = ()
-    class_map: ClassMap | None = None  # data.class_map and data.unknown, loaded; None = categories as they are
+
+    @property
+    def class_map(self) -> ClassMap | None:
+        """data.class_map and data.unknown, loaded; None = categories as they are."""
+        return self.data.classes()
 
 
 class SpaceSampler:
@@ -184,52 +158,22 @@ def load_space(path: str | Path) -> SearchSpec:
 def _parse(raw, source: str) -> SearchSpec:
     if not isinstance(raw, dict):
         raise UserError("the file must be a mapping with 'experiment', 'data' and 'space' sections")
-    _reject_unknown(raw, {"experiment", "data", "space"}, "")
-    experiment = _parse_settings(raw.get("experiment") or {}, ExperimentSettings, "experiment")
-    data = _parse_settings(raw.get("data") or {}, DataSettings, "data")
+    reject_unknown_keys(raw, ("data", "experiment", "space"))
+    experiment = ExperimentSettings(**typed_values(raw.get("experiment") or {}, ExperimentSettings(), "experiment"))
+    data = DataSpec.from_section(raw.get("data"), Path(source).parent)
     _check_experiment(experiment)
     experiment = replace(experiment, mode=METRIC_MODES[experiment.metric])
-    class_map = _check_data(data, Path(source).parent)
     space = raw.get("space")
     if not isinstance(space, dict) or not space:
         raise UserError("'space' must be a non-empty mapping of trial parameters")
-    _reject_unknown(space, set(TRIAL_PARAMS), "space.")
+    reject_unknown_keys(space, sorted(TRIAL_PARAMS), "space.")
     params: list[Param] = []
     for name, spec in space.items():
         params.append(_parse_param(name, spec, {p.name for p in params}))
     _check_folds(params, data)
     _check_models(params)
-    _check_unknown_treatment(params, class_map)
-    return SearchSpec(source, experiment, data, tuple(params), class_map)
-
-
-def _reject_unknown(mapping: dict, known: set, prefix: str) -> None:
-    for key in mapping:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(known))}"
-            raise UserError(f"unknown key {prefix}{key}{hint}")
-
-
-def _parse_settings(raw, cls, section: str):
-    if not isinstance(raw, dict):
-        raise UserError(f"'{section}' must be a mapping")
-    defaults = cls()
-    _reject_unknown(raw, set(defaults.__dataclass_fields__), f"{section}.")
-    values = {}
-    for key, value in raw.items():
-        expected = type(getattr(defaults, key))
-        if value is None and expected is str:  # e.g. class_map: null
-            value = getattr(defaults, key)
-        if expected is tuple:  # a list of file names
-            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise UserError(f"{section}.{key}: expected a list of file names, got {value!r}")
-            value = tuple(value)
-        ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
-        if isinstance(value, bool) or not ok:
-            raise UserError(f"{section}.{key}: expected {expected.__name__}, got {value!r}")
-        values[key] = value
-    return cls(**values)
+    _check_unknown_treatment(params, data.classes())
+    return SearchSpec(source, experiment, data, tuple(params))
 
 
 def _check_experiment(e: ExperimentSettings) -> None:
@@ -253,20 +197,7 @@ def _check_experiment(e: ExperimentSettings) -> None:
         raise UserError(f"experiment.max_failures must be >= 0, got {e.max_failures}")
 
 
-def _check_data(d: DataSettings, space_dir: Path) -> ClassMap | None:
-    if d.split not in SPLITS:
-        raise UserError(f"data.split must be one of {', '.join(SPLITS)}, got {d.split!r}")
-    if d.folds < 2:
-        raise UserError(f"data.folds must be at least 2, got {d.folds}")
-    if d.unknown and d.unknown not in UNKNOWN_POLICIES:
-        raise UserError(f"data.unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {d.unknown!r}")
-    path = (space_dir / d.class_map) if d.class_map else None
-    if path is not None and not path.is_file():
-        raise UserError(f"data.class_map: {path} does not exist")
-    return class_map_for(path, d.unknown or None)
-
-
-def _check_folds(params: list[Param], d: DataSettings) -> None:
+def _check_folds(params: list[Param], d: DataSpec) -> None:
     fold = next((p for p in params if p.name == "fold"), None)
     if fold is None:
         return
@@ -291,6 +222,13 @@ def possible_values(params: list[Param], name: str) -> list:
     their bounds."""
     param = next((p for p in params if p.name == name), None)
     return list(param.values) if param else [TRIAL_PARAMS[name][1]]
+
+
+def pretrained_encoders(spec: SearchSpec) -> list[tuple[str, str]]:
+    """Every (backbone, encoder_weights) pair with weights that the space can propose."""
+    pairs = itertools.product(possible_values(list(spec.params), "backbone"),
+                              possible_values(list(spec.params), "encoder_weights"))
+    return [(backbone, weights) for backbone, weights in pairs if weights is not None]
 
 
 def _check_models(params: list[Param]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -12,7 +13,6 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from data_pipeline.trial_data import DataSpec
 from errors import UserError
 
 from .space import SearchSpec, SpaceSampler
@@ -96,17 +96,10 @@ def trial_dirname(trial) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def data_spec(spec: SearchSpec, data_root: Path, skip=()) -> DataSpec:
-    d = spec.data
-    return DataSpec(str(data_root), d.train, d.val, d.test, d.split, d.train_all, d.folds, split_seed=d.split_seed,
-                    class_map=spec.class_map.to_dict() if spec.class_map else None, skip=tuple(sorted(skip)),
-                    pseudo_labels=d.pseudo_labels)
-
-
 def trial_constants(spec: SearchSpec, data_root: Path, skip=()) -> dict:
-    """Settings every trial needs that are not searched: its data, how long to train."""
-    data = data_spec(spec, data_root, skip).to_config()
-    del data["fold"]  # a trial parameter (searchable), not a constant
+    """Settings every trial needs that are not searched: its data (where it lives now, the images left
+    out), how long to train."""
+    data = replace(spec.data, root=str(data_root), skip=tuple(sorted(skip))).constants()
     e = spec.experiment
     return {**data, "max_epochs": e.max_epochs, "seed": e.seed, "metric": e.metric, "mode": e.mode}
 
