@@ -29,6 +29,9 @@ def parse_args(argv):
                         help="test-time augmentation, for val selection and test alike (default: none)")
     parser.add_argument("--per-class", action="store_true",
                         help="refine the weights class by class, so a member strong on one class contributes there")
+    parser.add_argument("--no-class-filter", action="store_true",
+                        help="keep every predicted pixel (default: per-class thresholds and minimum areas chosen "
+                             "on val relabel doubtful pixels as background)")
     parser.add_argument("--latency-budget", type=float, default=None, metavar="MS",
                         help="most inference ms per image the ensemble may take (members timed on a val batch)")
     parser.add_argument("--pseudo-labels", type=Path, default=None, metavar="FILE",
@@ -50,15 +53,16 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from search.ensemble_job import build_ensemble
+    from search.ensemble_job import EnsembleOptions, build_ensemble
     from search.experiment import latest_experiment
 
     experiment = (args.experiment or latest_experiment(args.storage)).resolve()
     print(f"Experiment: {experiment}", flush=True)
-    summary = build_ensemble(experiment, topk=args.topk, backbone=args.backbone, size=args.size, out=args.out,
-                             data_root=args.data, max_rounds=args.max_rounds, tta=args.tta, per_class=args.per_class,
-                             latency_budget=args.latency_budget, pseudo_labels=args.pseudo_labels,
-                             pseudo_threshold=args.pseudo_threshold)
+    summary = build_ensemble(experiment, EnsembleOptions(
+        topk=args.topk, backbone=args.backbone, size=args.size, out=args.out, data_root=args.data,
+        max_rounds=args.max_rounds, tta=args.tta, per_class=args.per_class, latency_budget=args.latency_budget,
+        class_filter=not args.no_class_filter, pseudo_labels=args.pseudo_labels,
+        pseudo_threshold=args.pseudo_threshold))
     print(f"Submission: {summary['submission']} ({summary['test_images']} images, {args.size}x{args.size})")
     print(f"Ensemble: val mIoU {summary['val_miou']:.4f}, {summary['ms_per_image']:.1f} ms per image on "
           f"{summary['device']}")

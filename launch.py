@@ -232,6 +232,37 @@ def _print_plan(spec, space: Path, data_root: Path, counts: str, num_classes: in
           f"wandb: {wandb_mode or 'off'}\nSearch space:")
     for line in describe(spec):
         print(f"  {line}")
+    _print_weights(spec)
+
+
+def _check_weights_cached(spec) -> None:
+    """Every pretrained encoder the space can propose must be in the cache (or downloadable) before
+    Ray starts: a trial would otherwise fail on it (it never trains random weights instead)."""
+    from models.factory import cached_weights
+    from models.weights import hub_reachable
+    from search.space import pretrained_encoders
+
+    for backbone, weights in pretrained_encoders(spec):
+        found, hint = cached_weights(backbone, weights)
+        if not found and not hub_reachable():
+            raise UserError(f"space: backbone {backbone} with encoder_weights {weights!r} {hint}")
+
+
+def _print_weights(spec) -> None:
+    """Whether the weight files of every pretrained encoder the space can propose are in the cache."""
+    from models.factory import cached_weights, input_normalization
+    from search.space import pretrained_encoders
+
+    pairs = pretrained_encoders(spec)
+    if pairs:
+        print("Pretrained encoders:")
+    for backbone, weights in pairs:
+        found, hint = cached_weights(backbone, weights)
+        if found:
+            norm = input_normalization(backbone, weights)
+            print(f"  {backbone} {weights}: cached ({found}); input mean {norm['mean']}, std {norm['std']}")
+        else:
+            print(f"  {backbone} {weights}: MISSING, trials using it will fail: {hint}")
 
 
 def _format_duration(seconds: float) -> str:
@@ -282,6 +313,8 @@ def main(argv=None) -> int:
         if args.dry_run:
             _print_plan(spec, args.space, data_root, counts, num_classes, experiment, args, wandb_mode)
             return 0
+        if not args.address:  # on a cluster the weights must be on the workers' nodes, not necessarily here
+            _check_weights_cached(spec)
         gpus = args.gpus
         print(f"Data: {data_root} ({counts}, {num_classes} classes)\nSpace: {args.space}\n"
               f"Experiment: {experiment}", flush=True)

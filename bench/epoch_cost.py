@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from models.factory import NORMALIZATION, build_model  # noqa: E402
+from models.factory import build_model
+from models.weights import DEFAULT_NORMALIZATION  # noqa: E402
 from models.losses import build_loss  # noqa: E402
 from models.optim import build_optimizer, build_scheduler, resolve_amp  # noqa: E402
 from models.training import place_model, train_epoch  # noqa: E402
@@ -55,7 +56,7 @@ def images_per_second(decoder: str, backbone: str, size: int, batch: int, amp: s
     loss = build_loss({"loss": "ce"})
     scheduler = build_scheduler(optimizer, cfg, 2 * steps)
     dtype, _ = resolve_amp({"amp": amp}, "cpu")
-    run = lambda: train_epoch(model, batches, loss, optimizer, "cpu", NORMALIZATION, scheduler=scheduler,  # noqa: E731
+    run = lambda: train_epoch(model, batches, loss, optimizer, "cpu", DEFAULT_NORMALIZATION, scheduler=scheduler,  # noqa: E731
                               amp=dtype, channels_last=True)
     run()  # warm-up: oneDNN primitives, allocator
     started = time.perf_counter()

@@ -7,7 +7,8 @@ file at the submission size: the single-model figures of the README's time-budge
 The config is the space's data, experiment settings and fixed values, with --set giving a value to
 each searched parameter (and overriding any other); values are read as JSON, else YAML (2e-3,
 Unet, "[pseudo.json]"). It trains on one thread, as a trial holding one CPU does; the test score is the
-last epoch's model, written as a submission and scored by search.score. Last line: JSON.
+last epoch's model, written as a submission and scored by search.score, as it is and with a class
+filter fitted on val (models.class_filter, as ensemble_select.py fits one). Last line: JSON.
 """
 from __future__ import annotations
 
@@ -60,25 +61,47 @@ def _value(text: str):
         return yaml.safe_load(text)
 
 
+def predict_split(trial, split, size: int) -> tuple:
+    """(labels, top-class shares) of the trial's model on a split, at size x size, as an ensemble of one."""
+    import torch
+
+    from data_pipeline.dataset import SegmentationDataset, make_loader
+    from models.ensemble import combine
+    from models.inference import predict_probs
+
+    loader = make_loader(SegmentationDataset(split, "none", train=False), 32)
+    probs = predict_probs(trial.model, loader, (size, size), trial.device, normalization=trial.normalization,
+                          amp=trial.amp)
+    chunks = [combine([(1.0, p)]) for p in probs]
+    return torch.cat([labels for labels, _ in chunks]), torch.cat([share for _, share in chunks])
+
+
 def score_on_test(trial, data: Path, gt: str, size: int) -> dict:
-    import numpy as np
+    """Test scores of the last epoch's model, as it is and with a class filter fitted on val
+    (models.class_filter), each written as a submission and scored by search.score."""
+    import torch
 
     from data_pipeline.cache import load_split
-    from data_pipeline.dataset import SegmentationDataset, make_loader
     from data_pipeline.submission import write_submission
-    from models.factory import NORMALIZATION
-    from models.inference import predict_probs, to_labels
+    from data_pipeline.trial_data import DataSpec
+    from models.class_filter import fit_class_filter
     from search.score import score_submission
 
-    images = load_split(data, gt, trial.cfg["resize"], with_masks=False)
-    loader = make_loader(SegmentationDataset(images, "none", train=False), 32)
-    trial.model.eval()
-    probs = predict_probs(trial.model, loader, (size, size), trial.device, normalization=NORMALIZATION)
-    labels = np.concatenate([to_labels(p).cpu().numpy().astype(np.uint8) for p in probs])
+    val = trial.val_loader.dataset.split
+    val_labels, val_share = predict_split(trial, val, size)
+    truth = DataSpec.from_config(trial.cfg).val_split(size).masks
+    fit = fit_class_filter(val_labels, val_share, torch.from_numpy(truth.copy()), trial.num_classes)
+    test = load_split(data, gt, trial.cfg["resize"], with_masks=False)
+    labels, share = predict_split(trial, test, size)
+    scores = {}
     with tempfile.TemporaryDirectory() as directory:
-        submission = Path(directory) / "submission.csv"
-        write_submission(submission, zip(images.file_names, labels))
-        return score_submission(submission, data, gt)
+        for name, predicted in (("plain", labels), ("filtered", fit.filter.apply(labels, share))):
+            submission = Path(directory) / f"{name}.csv"
+            write_submission(submission, zip(test.file_names, predicted.numpy().astype("uint8")))
+            scores[name] = score_submission(submission, data, gt)
+    scores["filter"] = {"rules": fit.filter.to_dict(val.class_names), "val_before": fit.val_miou_before,
+                        "val_after": fit.val_miou}
+    return scores
 
 
 def main(argv=None) -> int:
@@ -96,12 +119,17 @@ def main(argv=None) -> int:
               f"train {metrics['train_time_s']:.0f} s  eval {metrics['eval_time_s']:.0f} s", flush=True)
 
     run_epochs(trial, report)
-    score = score_on_test(trial, args.data, args.gt, args.size)
-    per_class = {name: round(iou, 3) for name, iou in score["per_class_iou"].items() if iou is not None}
-    print("test IoU per class: " + ", ".join(f"{name} {iou:.2f}" for name, iou in per_class.items()))
+    scores = score_on_test(trial, args.data, args.gt, args.size)
+    per_class = {kind: {name: round(iou, 3) for name, iou in scores[kind]["per_class_iou"].items() if iou is not None}
+                 for kind in ("plain", "filtered")}
+    for kind in ("plain", "filtered"):
+        print(f"test IoU per class ({kind}): " + ", ".join(f"{n} {iou:.2f}" for n, iou in per_class[kind].items()))
     result = {"set": args.set, "epochs": len(epochs), "val_miou": round(epochs[-1]["val_miou"], 4),
-              "best_val_miou": round(max(m["val_miou"] for m in epochs), 4), "test_miou": round(score["miou"], 4),
-              "test_per_class_iou": per_class, "wall_s": round(time.perf_counter() - started)}
+              "best_val_miou": round(max(m["val_miou"] for m in epochs), 4),
+              "test_miou": round(scores["plain"]["miou"], 4), "test_per_class_iou": per_class["plain"],
+              "filtered_test_miou": round(scores["filtered"]["miou"], 4),
+              "filtered_test_per_class_iou": per_class["filtered"], "class_filter": scores["filter"],
+              "wall_s": round(time.perf_counter() - started)}
     print(json.dumps(result))
     return 0
 

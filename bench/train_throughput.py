@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from data_pipeline.cache import load_split  # noqa: E402
 from data_pipeline.dataset import SegmentationDataset, make_loader  # noqa: E402
 from loader import NaiveDataset  # noqa: E402  (bench/loader.py)
-from models.factory import NORMALIZATION, build_model  # noqa: E402
+from models.factory import build_model
+from models.weights import DEFAULT_NORMALIZATION  # noqa: E402
 from models.losses import build_loss  # noqa: E402
 from models.training import train_epoch  # noqa: E402
 
@@ -38,12 +39,12 @@ def timed_steps(batches, steps: int, warmup: int, num_classes: int, device) -> f
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = build_loss({"loss": "ce"}).to(device)
     batches = iter(batches)
-    train_epoch(model, itertools.islice(batches, warmup), loss_fn, optimizer, device, NORMALIZATION)
+    train_epoch(model, itertools.islice(batches, warmup), loss_fn, optimizer, device, DEFAULT_NORMALIZATION)
     if device.type == "cuda":
         torch.cuda.synchronize()
     counted = _Counter(itertools.islice(batches, steps))
     started = time.perf_counter()
-    train_epoch(model, counted, loss_fn, optimizer, device, NORMALIZATION)  # .item() at its end syncs
+    train_epoch(model, counted, loss_fn, optimizer, device, DEFAULT_NORMALIZATION)  # .item() at its end syncs
     return counted.samples / (time.perf_counter() - started)
 
 

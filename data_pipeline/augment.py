@@ -15,7 +15,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from .classes import IGNORE
+from labels import IGNORE
 
 # (image, mask, partner image, partner mask, rng) -> new (image, mask); never writes its inputs.
 Mixer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -67,6 +67,49 @@ def _shift_inside(coords: np.ndarray, size: int, rng: np.random.Generator) -> in
     """A random offset of at most MAX_PASTE_SHIFT * size that keeps coords within [0, size)."""
     limit = int(MAX_PASTE_SHIFT * size)
     return int(rng.integers(max(-limit, -coords.min()), min(limit, size - 1 - coords.max()) + 1))
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A training crop of size x size pixels (the model trains on patches and predicts whole images,
+    as MMSegmentation and nnU-Net do: full resolution for small objects at a patch's cost).
+
+    With probability `focus` the crop is placed around a pixel of a class the image contains, the
+    class drawn with probability proportional to `rarity` (per label; 0 never draws), so that rare
+    classes are seen far more often than their share of the pixels (nnU-Net oversamples foreground
+    patches the same way). Otherwise, and in images without such a class, the crop is uniform."""
+
+    size: int
+    focus: float = 0.0
+    rarity: np.ndarray | None = None  # float [num_classes]; needed when focus > 0
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        height, width = mask.shape
+        if self.size > min(height, width):
+            raise ValueError(f"crop {self.size} is larger than the {height}x{width} image")
+        centre = self._focus_pixel(mask, rng) if self.focus and rng.uniform() < self.focus else None
+        top = _window_start(height, self.size, rng, None if centre is None else centre[0])
+        left = _window_start(width, self.size, rng, None if centre is None else centre[1])
+        box = np.s_[top:top + self.size, left:left + self.size]
+        return image[box], mask[box]
+
+    def _focus_pixel(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int] | None:
+        present = np.bincount(mask.ravel(), minlength=256)[:len(self.rarity)] > 0
+        weights = np.where(present, self.rarity, 0.0)
+        if weights.sum() <= 0:
+            return None
+        label = rng.choice(len(weights), p=weights / weights.sum())
+        ys, xs = np.nonzero(mask == label)
+        pick = rng.integers(len(ys))
+        return int(ys[pick]), int(xs[pick])
+
+
+def _window_start(length: int, size: int, rng: np.random.Generator, inside: int | None) -> int:
+    """A random start of a window of `size` within [0, length), covering `inside` when given."""
+    low, high = 0, length - size
+    if inside is not None:
+        low, high = max(low, inside - size + 1), min(high, inside)
+    return int(rng.integers(low, high + 1))
 
 
 def _flip() -> list:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import build_mixer, build_transform
+from .augment import Crop, build_mixer, build_transform
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,16 @@ class SegmentationDataset(Dataset):
     """(image uint8 [H, W, 3], mask uint8 [H, W]) tensor pairs of a Split under an augmentation policy.
 
     In training, a policy with a mixing step (cutmix, copy_paste) first mixes the sample with a random
-    partner of the split, then its albumentations transforms run; evaluation (train=False) only
-    converts. Images stay uint8 HWC: models.inference.normalize converts whole batches on the device. Randomness comes from torch.initial_seed() of the process (set by torch.manual_seed,
+    partner of the split, then `crop` (augment.Crop) cuts the training patch, then the policy's
+    albumentations transforms run; evaluation (train=False) only converts, whole images. Images stay uint8 HWC: models.inference.normalize converts whole batches on the device. Randomness comes from torch.initial_seed() of the process (set by torch.manual_seed,
     and per worker by the DataLoader), so runs are reproducible; the split is never written.
     """
 
-    def __init__(self, split: Split, policy: str, *, train: bool):
+    def __init__(self, split: Split, policy: str, *, train: bool, crop: Crop | None = None):
         self.split = split
         self.transform = build_transform(policy, train)
         self.mix = build_mixer(policy, train)
+        self.crop = crop if train else None
         self.train = train
         self._seed: int | None = None
         self._rng: np.random.Generator | None = None
@@ -63,6 +64,8 @@ class SegmentationDataset(Dataset):
             if self.mix is not None:
                 partner = self._partner(index, rng)
                 image, mask = self.mix(image, mask, self.split.images[partner], self._mask(partner), rng)
+            if self.crop is not None:
+                image, mask = self.crop(image, mask, rng)
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]

@@ -19,8 +19,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from labels import IGNORE
+
+from .class_filter import ClassFilter
 from .inference import to_labels
-from .metrics import IGNORE_INDEX, confusion_matrix, mean_iou
+from .metrics import confusion_matrix, mean_iou
 
 PROB_SCALE = 255  # a quantised probability of 1
 
@@ -44,6 +47,37 @@ def has_weight(weight) -> bool:
     return any(weight) if isinstance(weight, (list, tuple)) else bool(weight)
 
 
+def weighted_sum(terms: Terms) -> torch.Tensor:
+    """Sum of weight * probabilities over the members that take part (float32 [B, C, H, W])."""
+    return sum(weigh(w, p) for w, p in terms if has_weight(w))
+
+
+def combine(terms: Terms, reject: tuple[float, int] | None = None,
+            class_filter: ClassFilter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How an ensemble labels pixels: (labels [B, H, W] int64, top-class share [B, H, W]) of its members'
+    weighted probabilities (terms: (weight, [B, C, H, W] probabilities) pairs, uint8 or float).
+
+    The label is the top class (first on ties); the share is its part of the weighted sum. reject:
+    (threshold, label) of an open-set ensemble: a share below the threshold gets that label.
+    class_filter: the ensemble's per-class false-positive control, applied last."""
+    total = weighted_sum(terms)
+    share, labels = (total / total.sum(dim=1, keepdim=True)).max(dim=1)
+    if reject is not None:
+        labels[share < reject[0]] = reject[1]
+    if class_filter is not None:
+        labels = class_filter.apply(labels, share)
+    return labels, share
+
+
+def combine_in_chunks(terms: Terms, reject: tuple[float, int] | None = None,
+                      class_filter: ClassFilter | None = None, chunk: int = 8):
+    """combine over [N, ...] members' probabilities a few images at a time: yields (labels, share) chunks,
+    so that no full-size float32 copy of the members is ever made."""
+    count = len(terms[0][1])
+    for start in range(0, count, chunk):
+        yield combine([(w, p[start:start + chunk]) for w, p in terms], reject, class_filter)
+
+
 def ensemble_confusion(terms: Terms, labels: torch.Tensor, num_classes: int, chunk: int = 8) -> torch.Tensor:
     """Confusion matrix of argmax(sum of weight * probabilities) against labels [N, H, W].
 
@@ -52,7 +86,7 @@ def ensemble_confusion(terms: Terms, labels: torch.Tensor, num_classes: int, chu
     """
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for start in range(0, len(labels), chunk):
-        total = sum(weigh(w, p[start:start + chunk]) for w, p in terms if has_weight(w))
+        total = weighted_sum([(w, p[start:start + chunk]) for w, p in terms])
         conf += confusion_matrix(labels[start:start + chunk], to_labels(total), num_classes)
     return conf
 
@@ -97,7 +131,7 @@ class _Scorer:
     def __init__(self, labels: torch.Tensor, num_classes: int):
         self.num_classes = num_classes
         dtype = torch.uint8 if num_classes * (num_classes + 1) <= 256 else torch.int32
-        self.truth = torch.where(labels == IGNORE_INDEX, num_classes * num_classes,
+        self.truth = torch.where(labels == IGNORE, num_classes * num_classes,
                                  labels.long() * num_classes).to(dtype).reshape(len(labels), -1)
 
     def counts(self, truth: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:

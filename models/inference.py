@@ -43,15 +43,16 @@ def _pixel_statistics(mean: tuple, std: tuple, device: torch.device) -> tuple[to
 
 @torch.no_grad()
 def predict_batch(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int] | None = None,
-                  device: str | torch.device = "cpu", tta: str = "none", normalization: dict | None = None
-                  ) -> torch.Tensor:
+                  device: str | torch.device = "cpu", tta: str = "none", normalization: dict | None = None,
+                  amp: torch.dtype | None = None) -> torch.Tensor:
     """Softmax probabilities [B, C, H, W] (float32, on device) for a batch of images: uint8 [B, H, W, 3]
     ones (from a loader) are normalised with normalization ({"mean", "std"}) first, float [B, 3, H, W]
     ones are taken as model input.
 
     Logits are resized bilinearly to out_size (default: the input size) before the softmax:
     resizing probabilities and then taking the argmax beats resizing labels. With TTA the
-    probabilities of flipped and rescaled views (sides kept multiples of 32) are averaged.
+    probabilities of flipped and rescaled views (sides kept multiples of 32) are averaged. amp: the
+    autocast dtype of the model's forward pass (None: full precision); the softmax is in float32.
     """
     model.eval()
     images = images.to(device, non_blocking=True)
@@ -67,7 +68,8 @@ def predict_batch(model: nn.Module, images: torch.Tensor, out_size: tuple[int, i
         if scale != 1.0:
             size = [max(32, round(side * scale / 32) * 32) for side in images.shape[-2:]]
             view = F.interpolate(view, size=size, mode="bilinear", align_corners=False)
-        logits = model(view.flip(-1) if flip else view).float()
+        with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+            logits = model(view.flip(-1) if flip else view).float()
         logits = logits.flip(-1) if flip else logits
         if tuple(logits.shape[-2:]) != out_size:
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
@@ -86,9 +88,9 @@ def to_labels(probs: torch.Tensor) -> torch.Tensor:
 
 
 def predict_probs(model: nn.Module, batches: Iterable, out_size: tuple[int, int] | None = None,
-                  device: str | torch.device = "cpu", tta: str = "none", normalization: dict | None = None
-                  ) -> Iterator[torch.Tensor]:
+                  device: str | torch.device = "cpu", tta: str = "none", normalization: dict | None = None,
+                  amp: torch.dtype | None = None) -> Iterator[torch.Tensor]:
     """predict_batch over batches; a batch is an image tensor or an (images, ...) tuple."""
     for batch in batches:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        yield predict_batch(model, images, out_size, device, tta, normalization)
+        yield predict_batch(model, images, out_size, device, tta, normalization, amp)

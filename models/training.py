@@ -6,8 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from labels import IGNORE
+
 from .inference import normalize, predict_batch, to_labels
-from .metrics import IGNORE_INDEX, confusion_matrix, image_mious, mean_iou, pixel_accuracy
+from .metrics import confusion_matrix, image_mious, mean_iou, pixel_accuracy
 from .open_set import UnknownScoring, flagged_as_unknown, known_class_head
 
 
@@ -74,26 +76,27 @@ def update_bn_statistics(model: nn.Module, loader, device, normalization: dict, 
 
 
 def evaluate(model, loader, num_classes: int, device, normalization: dict,
-             unknown: UnknownScoring | None = None) -> dict:
+             unknown: UnknownScoring | None = None, amp: torch.dtype | None = None) -> dict:
     """val_miou (dataset), val_image_miou (mean of per-image mIoU), val_pixel_acc and val_loss (NLL of
     the probabilities) over loader.
 
     unknown: when the label space has an UNKNOWN class, also val_unknown_rejected and
     val_known_rejected (the shares of UNKNOWN and of known pixels the model flags as UNKNOWN); for an
-    open-set model see evaluate_open_set."""
-    return _evaluate(model, loader, num_classes, device, normalization, unknown)[0]
+    open-set model see evaluate_open_set. amp: the forward pass's autocast dtype (as in training)."""
+    return _evaluate(model, loader, num_classes, device, normalization, unknown, amp)[0]
 
 
 def evaluate_open_set(model, loader, num_classes: int, device, normalization: dict,
-                      unknown: UnknownScoring) -> tuple[dict, list[dict]]:
+                      unknown: UnknownScoring, amp: torch.dtype | None = None) -> tuple[dict, list[dict]]:
     """evaluate() of an open-set model, whose pixels scoring below a threshold are rejected
     (models.open_set): every metric is taken at the threshold with the best val mIoU, reported as
     val_reject_threshold, with val_miou_no_reject beside it. Also returns the open-set curve (per
     candidate threshold: miou, unknown_rejected, known_rejected)."""
-    return _evaluate(model, loader, num_classes, device, normalization, unknown)
+    return _evaluate(model, loader, num_classes, device, normalization, unknown, amp)
 
 
-def _evaluate(model, loader, num_classes: int, device, normalization: dict, unknown: UnknownScoring | None):
+def _evaluate(model, loader, num_classes: int, device, normalization: dict, unknown: UnknownScoring | None,
+              amp: torch.dtype | None):
     sweep = unknown.sweep(num_classes) if unknown and unknown.open_set else None
     head = known_class_head(model)
     if sweep is not None and unknown.rule == "magnitude":
@@ -103,11 +106,11 @@ def _evaluate(model, loader, num_classes: int, device, normalization: dict, unkn
     image_miou_sum, images_scored = torch.zeros((), dtype=torch.float64, device=device), 0
     kept = []  # open set: (labels, score bins) per batch, to take image mIoU at the chosen threshold
     for images, masks in loader:
-        probs = predict_batch(model, images, device=device, normalization=normalization)
+        probs = predict_batch(model, images, device=device, normalization=normalization, amp=amp)
         masks, labels = masks.to(device).long(), to_labels(probs)
-        scored = masks if sweep is None else torch.where(masks == unknown.unknown_label, IGNORE_INDEX, masks)
-        nll += F.nll_loss(probs.clamp_min(1e-8).log(), scored, ignore_index=IGNORE_INDEX, reduction="sum")
-        count += int((scored != IGNORE_INDEX).sum())
+        scored = masks if sweep is None else torch.where(masks == unknown.unknown_label, IGNORE, masks)
+        nll += F.nll_loss(probs.clamp_min(1e-8).log(), scored, ignore_index=IGNORE, reduction="sum")
+        count += int((scored != IGNORE).sum())
         if sweep is not None:
             scores = probs.max(dim=1).values if unknown.rule == "softmax" else head.magnitude
             kept.append((labels.to(torch.uint8), sweep.add(masks, labels, scores).to(torch.uint8)))

@@ -22,9 +22,11 @@ from data_pipeline.submission import write_submission
 from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint
-from models.ensemble import (ClassSelection, OverBudget, Selection, greedy_selection,
-                             has_weight, per_class_selection, quantize, weigh)
-from models.inference import predict_batch, predict_probs
+from models.class_filter import FilterFit, fit_class_filter
+from models.ensemble import (ClassSelection, OverBudget, Selection, combine, combine_in_chunks, greedy_selection,
+                             has_weight, per_class_selection, quantize)
+from models.inference import predict_batch
+from models.optim import inference_amp
 from models.metrics import iou_per_class
 from models.open_set import UnknownScoring
 
@@ -38,6 +40,16 @@ class Member:
     trial: TrialRecord
     model: torch.nn.Module
     meta: dict
+
+    @property
+    def input_size(self) -> int:
+        return self.meta["input_size"][0]
+
+    def predict(self, images: torch.Tensor, size: int, device, tta: str) -> torch.Tensor:
+        """Probabilities [B, C, size, size] of a loader's uint8 batch, in the precision inference runs
+        at on device (bf16 where it is fast, as in training)."""
+        return predict_batch(self.model, images, (size, size), device, tta, self.meta["normalization"],
+                             inference_amp(device))
 
 
 def choose_members(trials: list[TrialRecord], topk: int, backbone: str | None) -> tuple[str, list[TrialRecord]]:
@@ -61,18 +73,17 @@ def _loader(split: Split):
 
 def val_probabilities(member: Member, data: DataSpec, size: int, device, tta: str = "none"):
     """[N, C, size, size] uint8 val probabilities (x 255, models.ensemble.quantize) of one member, on the CPU."""
-    loader = _loader(data.val_split(member.meta["input_size"][0], with_masks=False))
-    probs = predict_probs(member.model, loader, (size, size), device, tta, member.meta["normalization"])
-    return torch.cat([quantize(p).cpu() for p in probs])
+    loader = _loader(data.val_split(member.input_size, with_masks=False))
+    return torch.cat([quantize(member.predict(images, size, device, tta)).cpu() for images, _ in loader])
 
 
 def inference_ms_per_image(member: Member, data: DataSpec, size: int, device, tta: str) -> float:
     """One member's prediction time per image (TTA and resize to the submission size included) on a
     val batch, after a warm-up run on it."""
-    images = next(iter(_loader(data.val_split(member.meta["input_size"][0], with_masks=False))))[0]
+    images = next(iter(_loader(data.val_split(member.input_size, with_masks=False))))[0]
 
     def predict():
-        predict_batch(member.model, images, (size, size), device, tta, member.meta["normalization"])
+        member.predict(images, size, device, tta)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -82,12 +93,12 @@ def inference_ms_per_image(member: Member, data: DataSpec, size: int, device, tt
     return (time.perf_counter() - started) * 1000 / len(images)
 
 
-def val_cache_path(member: Member, data: DataSpec, size: int, tta: str, cache_dir: Path) -> Path:
+def val_cache_path(member: Member, data: DataSpec, size: int, tta: str, cache_dir: Path, device) -> Path:
     """Where a member's val probabilities are cached: the name holds a hash of what they depend on
     (weights file, val set, size, TTA), so a changed checkpoint or val set is never read from a stale file."""
     weights = Path(member.trial.checkpoint) / WEIGHTS_FILE
     key = json.dumps([str(weights), weights.stat().st_mtime_ns, weights.stat().st_size,
-                      data.val_fingerprint(), size, tta, "uint8"])
+                      data.val_fingerprint(), size, tta, "uint8", str(inference_amp(device))])
     return cache_dir / f"val-{member.trial.trial_id}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
 
 
@@ -118,6 +129,7 @@ class GroupEnsemble:
     ms_per_image: list[float]  # each member's inference time per image
     class_selection: ClassSelection | None = None  # with --per-class
     rejection: dict | None = None  # with open-set members: unknown_label, reject_label, threshold, curve, ...
+    filter_fit: FilterFit | None = None  # the per-class false-positive control chosen on val
 
     @property
     def ensemble_ms_per_image(self) -> float:
@@ -126,7 +138,13 @@ class GroupEnsemble:
 
     @property
     def confusion(self) -> torch.Tensor:
-        """The ensemble's on val (with rejection, at its threshold)."""
+        """The ensemble's on val (with rejection at its threshold, and its class filter)."""
+        if self.filter_fit:
+            return self.filter_fit.confusion
+        return self.unfiltered_confusion
+
+    @property
+    def unfiltered_confusion(self) -> torch.Tensor:
         if self.rejection:
             return self.rejection["confusion"]
         return (self.class_selection or self.selection).confusion
@@ -137,9 +155,28 @@ class GroupEnsemble:
 
     @property
     def val_miou(self) -> float:
+        if self.filter_fit:
+            return self.filter_fit.val_miou
         if self.rejection:
             return self.rejection["curve"][self.rejection["index"]]["miou"]
         return (self.class_selection or self.selection).val_miou
+
+    @property
+    def reject(self) -> tuple[float, int] | None:
+        """(threshold, label) of the ensemble's open-set rejection, if any."""
+        return (self.rejection["threshold"], self.rejection["reject_label"]) if self.rejection else None
+
+    @property
+    def class_filter(self):
+        return self.filter_fit.filter if self.filter_fit else None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.members[0].meta["class_names"]
+
+    def terms(self, probs: list[torch.Tensor]) -> list[tuple]:
+        """(weight, probabilities) of the members that take part, for models.ensemble.combine."""
+        return [(w, p) for w, p in zip(self.weights, probs) if has_weight(w)]
 
     @property
     def weights(self) -> list:
@@ -147,90 +184,115 @@ class GroupEnsemble:
         return (self.class_selection or self.selection).weights
 
 
-def select_group(trials: list[TrialRecord], backbone: str, topk: int, data_root: Path | None, size: int, device, *,
-                 max_rounds: int, tta: str, cache_dir: Path, per_class: bool, latency_budget: float | None,
+@dataclass(frozen=True)
+class EnsembleOptions:
+    """What ensemble_select.py asks for (see its --help)."""
+    topk: int = 5
+    backbone: str | None = None  # None: the best trial's; "auto": every backbone, keep the best on val
+    size: int = 256  # the submission's label maps, size x size: members are scored at it
+    out: Path | None = None  # submission path (default EXPERIMENT/ensemble/submission.csv)
+    data_root: Path | None = None  # where the data lives now, if it moved since the search
+    max_rounds: int = 10  # greedy rounds (and class-wise additions with per_class)
+    tta: str = "none"
+    per_class: bool = False  # refine the weights class by class (models.ensemble.per_class_selection)
+    latency_budget: float | None = None  # most ms per image the members may take together
+    class_filter: bool = True  # fit per-class thresholds and minimum areas on val (models.class_filter)
+    pseudo_labels: Path | None = None  # also write the confident test predictions as COCO there
+    pseudo_threshold: float = 0.9
+
+
+def select_group(trials: list[TrialRecord], backbone: str, options: EnsembleOptions, device, cache_dir: Path,
                  log) -> GroupEnsemble:
-    _, chosen = choose_members(trials, topk, backbone)
-    data = DataSpec.from_config(chosen[0].config, data_root)
+    """The ensemble of the top trials of one backbone: weights selected on val, then its open-set
+    rejection and class filter fitted on val."""
+    size, tta, budget_ms, max_rounds = options.size, options.tta, options.latency_budget, options.max_rounds
+    _, chosen = choose_members(trials, options.topk, backbone)
+    data = DataSpec.from_config(chosen[0].config, options.data_root)
     members = [Member(t, *load_checkpoint(t.checkpoint, device)) for t in chosen]
     val = data.val_split(size)
     _check_compatible(members, val.file_names)
     log(f"Backbone {backbone}: {len(members)} candidate(s) " + ", ".join(m.trial.trial_id for m in members))
     labels = torch.from_numpy(np.array(val.masks))  # a copy: the cached maps are read-only
     num_classes = members[0].meta["num_classes"]
-    paths = [val_cache_path(m, data, size, tta, cache_dir) for m in members]
+    paths = [val_cache_path(m, data, size, tta, cache_dir, device) for m in members]
     cached = [cached_val_probabilities(m, data, size, device, tta, path) for m, path in zip(members, paths)]
     probs = [p for p, _ in cached]
     log(f"Val probabilities: {sum(hit for _, hit in cached)} of {len(cached)} read from {cache_dir}")
     ms = [inference_ms_per_image(m, data, size, device, tta) for m in members]
     log("Inference ms per image: " + ", ".join(f"{m.trial.trial_id} {t:.1f}" for m, t in zip(members, ms)))
-    budget = {"costs": ms, "budget": latency_budget}
+    budget = {"costs": ms, "budget": budget_ms}
     selection = greedy_selection(probs, labels, num_classes, max_rounds=max_rounds, **budget)  # may raise OverBudget
     _log_selection(selection, members, log)
     refined = None
-    if per_class:
+    if options.per_class:
         refined = per_class_selection(probs, labels, num_classes, selection.counts, max_rounds=max_rounds, **budget)
         _log_class_selection(refined, members, members[0].meta["class_names"], log)
     group = GroupEnsemble(backbone, data, members, selection, paths, ms, refined)
-    group.rejection = _ensemble_rejection(members, probs, group.weights, labels, num_classes, log)
+    group.rejection = _ensemble_rejection(group, probs, labels, num_classes, log)
+    if options.class_filter:
+        group.filter_fit = _fit_class_filter(group, probs, labels, num_classes, log)
     log(f"Ensemble inference: {group.ensemble_ms_per_image:.1f} ms per image"
-        + (f" (budget {latency_budget:g})" if latency_budget else ""))
+        + (f" (budget {budget_ms:g})" if budget_ms else ""))
     return group
 
 
-def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: int, out: Path | None,
-                   data_root: Path | None = None, max_rounds: int = 10, tta: str = "none", per_class: bool = False,
-                   latency_budget: float | None = None, pseudo_labels: Path | None = None,
-                   pseudo_threshold: float = 0.9, log=print) -> dict:
-    """Selects and runs the ensemble; writes submission.csv and ensemble.json; returns the summary.
-
-    backbone: a name, None for the best trial's backbone, or "auto" to select an ensemble for every
-    backbone and keep the one with the best val mIoU. per_class: refine the greedy weights class by
-    class (models.ensemble.per_class_selection). latency_budget: most ms per image the ensemble's
-    members may take together (each measured on a val batch). pseudo_labels: also write the
-    ensemble's test predictions whose confidence reaches pseudo_threshold as a COCO file there.
-    """
+def build_ensemble(experiment: Path, options: EnsembleOptions, log=print) -> dict:
+    """Selects and runs the ensemble; writes submission.csv and ensemble.json; returns the summary."""
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trials = read_trials(experiment)
-    best_backbone, _ = choose_members(trials, topk, None)  # raises when there is nothing to ensemble
-    backbones = _backbones_by_rank(trials) if backbone == "auto" else [backbone or best_backbone]
+    best_backbone, _ = choose_members(trials, options.topk, None)  # raises when there is nothing to ensemble
+    backbones = _backbones_by_rank(trials) if options.backbone == "auto" else [options.backbone or best_backbone]
     cache_dir = Path(experiment) / "ensemble" / "val_cache"
     groups, fastest = [], []
     for b in backbones:
         try:
-            groups.append(select_group(trials, b, topk, data_root, size, device, max_rounds=max_rounds, tta=tta,
-                                       cache_dir=cache_dir, per_class=per_class, latency_budget=latency_budget,
-                                       log=log))
+            groups.append(select_group(trials, b, options, device, cache_dir, log))
         except OverBudget as exc:
             log(f"Backbone {b}: no candidate fits the latency budget (the fastest takes {exc.cheapest:.1f} ms)")
             fastest.append(exc.cheapest)
     if not groups:
-        raise UserError(f"--latency-budget {latency_budget:g} ms: no candidate fits (the fastest takes "
+        raise UserError(f"--latency-budget {options.latency_budget:g} ms: no candidate fits (the fastest takes "
                         f"{min(fastest):.1f} ms per image on {device})")
     group = max(groups, key=lambda g: g.val_miou)
     if len(groups) > 1:
         scores = ", ".join(f"{g.backbone} {g.val_miou:.4f}" for g in groups)
         log(f"Backbone groups by ensemble val mIoU: {scores}; keeping {group.backbone}")
 
-    members, selection, refined = group.members, group.selection, group.class_selection
-    out = Path(out) if out else Path(experiment) / "ensemble" / "submission.csv"
-    data = group.data
-    class_names = members[0].meta["class_names"]
+    out = Path(options.out) if options.out else Path(experiment) / "ensemble" / "submission.csv"
+    rows, pseudo = _write_outputs(group, options, out, device, log)
+    summary = _summary(experiment, group, groups, options, device)
+    summary.update({"submission": str(out), "test_images": rows, "seconds": round(time.perf_counter() - started, 1),
+                    "pseudo_labels": pseudo and {"file": str(options.pseudo_labels),
+                                                 "threshold": options.pseudo_threshold, **pseudo}})
+    write_atomically(out.with_name("ensemble.json"), json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _write_outputs(group: GroupEnsemble, options: EnsembleOptions, out: Path, device, log) -> tuple[int, dict | None]:
+    """Writes the test submission (and the pseudo-labels when asked); (rows written, pseudo-label counts)."""
     kept = []  # (file_name, labels, confident) per test image, for the pseudo-labels
 
     def submission_rows():
-        for file_name, labels, confidence in _predict_test(members, group.weights, data, size, device, tta,
-                                                           group.rejection):
-            if pseudo_labels:
-                kept.append((file_name, labels, confidence >= pseudo_threshold))
+        for file_name, labels, confidence in _predict_test(group, options.size, device, options.tta):
+            if options.pseudo_labels:
+                kept.append((file_name, labels, confidence >= options.pseudo_threshold))
             yield file_name, labels
 
     rows = write_submission(out, submission_rows())
-    pseudo = _write_pseudo_labels(pseudo_labels, data, kept, class_names, log) if pseudo_labels else None
-    summary = {
-        "experiment": str(experiment), "backbone": group.backbone, "size": size, "tta": tta,
-        "data_root": data.root, "val_miou": group.val_miou, "greedy_val_miou": selection.val_miou,
+    if not options.pseudo_labels:
+        return rows, None
+    return rows, _write_pseudo_labels(options.pseudo_labels, group.data, kept, group.class_names, log)
+
+
+def _summary(experiment: Path, group: GroupEnsemble, groups: list[GroupEnsemble], options: EnsembleOptions,
+             device) -> dict:
+    """ensemble.json, less what writing the submission adds."""
+    members, selection, refined, class_names = group.members, group.selection, group.class_selection, group.class_names
+    fit = group.filter_fit
+    return {
+        "experiment": str(experiment), "backbone": group.backbone, "size": options.size, "tta": options.tta,
+        "data_root": group.data.root, "val_miou": group.val_miou, "greedy_val_miou": selection.val_miou,
         "groups": {g.backbone: g.val_miou for g in groups},
         "per_class_iou": dict(zip(class_names, _nan_to_none(group.per_class_iou))),
         "confusion": group.confusion.tolist(),  # val pixels, rows = truth, columns = prediction
@@ -244,13 +306,13 @@ def build_ensemble(experiment: Path, *, topk: int, backbone: str | None, size: i
                      "val_cache": str(cache)}
                     for m, w, v, conf, ms, cache in zip(members, group.weights, selection.member_miou,
                                                         selection.member_conf, group.ms_per_image, group.val_cache)],
-        "ms_per_image": group.ensemble_ms_per_image, "latency_budget_ms": latency_budget, "device": str(device),
-        "submission": str(out), "test_images": rows, "seconds": round(time.perf_counter() - started, 1),
-        "pseudo_labels": pseudo and {"file": str(pseudo_labels), "threshold": pseudo_threshold, **pseudo},
+        "ms_per_image": group.ensemble_ms_per_image, "latency_budget_ms": options.latency_budget,
+        "device": str(device),
         "open_set": group.rejection and {k: v for k, v in group.rejection.items() if k not in ("confusion", "index")},
+        "class_filter": fit and {"rules": fit.filter.to_dict(class_names), "val_miou_before": fit.val_miou_before,
+                                 "val_gain": fit.val_miou - fit.val_miou_before,
+                                 "unseen": [class_names[c] for c in fit.unseen]},
     }
-    write_atomically(out.with_name("ensemble.json"), json.dumps(summary, indent=2, default=str))
-    return summary
 
 
 def _write_pseudo_labels(path: Path, data: DataSpec, kept: list, class_names: list[str], log) -> dict:
@@ -264,20 +326,19 @@ def _write_pseudo_labels(path: Path, data: DataSpec, kept: list, class_names: li
     return counts
 
 
-def _ensemble_rejection(members: list[Member], probs: list[torch.Tensor], weights: list, labels: torch.Tensor,
-                        num_classes: int, log, chunk: int = 8) -> dict | None:
+def _ensemble_rejection(group: GroupEnsemble, probs: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
+                        log, chunk: int = 8) -> dict | None:
     """With open-set members given weight (models.open_set): the threshold on the ensemble's top-class share below
     which a pixel is rejected, chosen on val for the best mIoU. The members' own rules (magnitude
     among them) do not combine across models; the ensemble's probabilities do."""
-    open_set = [m.meta["open_set"] for m, w in zip(members, weights) if m.meta.get("open_set") and has_weight(w)]
+    open_set = [m.meta["open_set"] for m, w in zip(group.members, group.weights)
+                if m.meta.get("open_set") and has_weight(w)]
     if not open_set:
         return None
     unknown, reject = open_set[0]["unknown_label"], open_set[0]["reject_label"]
     sweep = UnknownScoring(unknown, open_set=True, rule="softmax", reject_label=reject).sweep(num_classes)
-    used = [(p, w) for p, w in zip(probs, weights) if has_weight(w)]
-    for start in range(0, len(labels), chunk):
-        total = sum(weigh(w, p[start:start + chunk]) for p, w in used)
-        share, predicted = (total / total.sum(dim=1, keepdim=True)).max(dim=1)
+    for start, (predicted, share) in zip(range(0, len(labels), chunk),
+                                         combine_in_chunks(group.terms(probs), chunk=chunk)):
         sweep.add(labels[start:start + chunk], predicted, share)
     index = sweep.best()
     curve = sweep.curve()
@@ -286,6 +347,24 @@ def _ensemble_rejection(members: list[Member], probs: list[torch.Tensor], weight
         f"{curve[index]['unknown_rejected']:.1%}, known pixels rejected {curve[index]['known_rejected']:.1%}")
     return {"unknown_label": unknown, "reject_label": reject, "threshold": curve[index]["threshold"],
             "index": index, "curve": curve, "confusion": sweep.confusions()[index]}
+
+
+def _fit_class_filter(group: GroupEnsemble, probs: list[torch.Tensor], truth: torch.Tensor, num_classes: int,
+                      log) -> FilterFit:
+    """The per-class thresholds and minimum areas (models.class_filter) that raise the ensemble's val
+    mIoU most, fitted on its val predictions (after any rejection)."""
+    chunks = list(combine_in_chunks(group.terms(probs), group.reject))
+    labels = torch.cat([labels.to(torch.uint8) for labels, _ in chunks])
+    share = torch.cat([share.half() for _, share in chunks])
+    fit = fit_class_filter(labels, share, truth, num_classes)
+    names = group.class_names
+    rules = ", ".join(f"{name} " + ("never" if rule["threshold"] > 1 else
+                                    f"share >= {rule['threshold']:g}, >= {rule['min_area']} px")
+                      for name, rule in fit.filter.to_dict(names).items())
+    log(f"Class filter: {rules or 'none'}; val mIoU {fit.val_miou_before:.4f} -> {fit.val_miou:.4f}"
+        + (f" (never predicted, absent from the val truth: {', '.join(names[c] for c in fit.unseen)})"
+           if fit.unseen else ""))
+    return fit
 
 
 def _backbones_by_rank(trials: list[TrialRecord]) -> list[str]:
@@ -324,21 +403,17 @@ def _log_selection(selection: Selection, members: list[Member], log) -> None:
     log(f"Ensemble val mIoU {selection.val_miou:.4f} (best single {max(selection.member_miou):.4f}); weights {weights}")
 
 
-def _predict_test(members: list[Member], weights: list, data: DataSpec, size: int, device, tta: str,
-                  rejection: dict | None = None):
+def _predict_test(group: GroupEnsemble, size: int, device, tta: str):
     """Yields (file_name, uint8 label map, float32 confidence map) per test image, one batch of all
-    members at a time; the confidence is the top class's share of the weighted probability sum. With
-    rejection, pixels whose confidence is below its threshold get its reject label."""
-    used = [(m, w) for m, w in zip(members, weights) if has_weight(w)]
-    loaders = [_loader(data.load(data.test, m.meta["input_size"][0], with_masks=False)) for m, _ in used]
+    members at a time, labelled as models.ensemble.combine does (with the group's rejection and class
+    filter); the confidence is the top class's share of the weighted probability sum."""
+    used = [(m, w) for m, w in zip(group.members, group.weights) if has_weight(w)]
+    loaders = [_loader(group.data.load(group.data.test, m.input_size, with_masks=False)) for m, _ in used]
     file_names = loaders[0].dataset.split.file_names
     index = 0
     for batches in zip(*loaders):
-        total = sum(weigh(w, predict_batch(m.model, b[0], (size, size), device, tta, m.meta["normalization"]))
-                    for (m, w), b in zip(used, batches))
-        confidence, labels = (total / total.sum(dim=1, keepdim=True)).max(dim=1)
-        if rejection:
-            labels[confidence < rejection["threshold"]] = rejection["reject_label"]
+        terms = [(w, m.predict(b[0], size, device, tta)) for (m, w), b in zip(used, batches)]
+        labels, confidence = combine(terms, group.reject, group.class_filter)
         for label_map, confidence_map in zip(labels.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()):
             yield file_names[index], label_map, confidence_map
             index += 1

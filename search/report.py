@@ -250,22 +250,17 @@ def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
     import torch
 
     from data_pipeline.trial_data import DataSpec
-    from models.ensemble import has_weight, weigh
-    from models.inference import to_labels
+    from models.class_filter import ClassFilter
+    from models.ensemble import combine_in_chunks, has_weight
     from search.ensemble_job import load_val_cache
 
     used = [m for m in summary["members"] if has_weight(_weight_values(m["weight"]))]
     val = DataSpec.from_config(used[0]["config"], summary["data_root"]).val_split(summary["size"])
-    caches = [load_val_cache(Path(m["val_cache"])) for m in used]
-    rejection = summary.get("open_set")
-    predictions = []
-    for start in range(0, len(val), 8):
-        total = sum(weigh(_weight_values(m["weight"]), probs[start:start + 8]) for m, probs in zip(used, caches))
-        labels = to_labels(total)
-        if rejection:  # as ensemble_select.py does: a top-class share below the threshold is rejected
-            share = total.max(dim=1).values / total.sum(dim=1)
-            labels[share < rejection["threshold"]] = rejection["reject_label"]
-        predictions.append(labels.to(torch.uint8).numpy())
+    terms = [(_weight_values(m["weight"]), load_val_cache(Path(m["val_cache"]))) for m in used]
+    rejection, rules = summary.get("open_set"), (summary.get("class_filter") or {}).get("rules")
+    class_filter = ClassFilter.from_dict(rules, summary["per_class_iou"]) if rules else None
+    reject = (rejection["threshold"], rejection["reject_label"]) if rejection else None
+    predictions = [labels.to(torch.uint8).numpy() for labels, _ in combine_in_chunks(terms, reject, class_filter)]
     return np.array(val.images), np.array(val.masks), np.concatenate(predictions)  # copies: the cache is read-only
 
 
@@ -278,7 +273,8 @@ def worst_images(summary: dict, directory: Path, count: int = 6) -> tuple[str | 
     with the class confusions that cost most pixels there."""
     import torch
 
-    from models.metrics import IGNORE_INDEX, image_mious
+    from labels import IGNORE
+    from models.metrics import image_mious
 
     names = list(summary["per_class_iou"])
     images, truth, predicted = ensemble_val_labels(summary)
@@ -288,7 +284,7 @@ def worst_images(summary: dict, directory: Path, count: int = 6) -> tuple[str | 
     fig, axes = plt.subplots(len(order), 4, figsize=(10, 2.8 * len(order)), squeeze=False)
     worst = []
     for row, i in zip(axes, order):
-        valid = truth[i] != IGNORE_INDEX
+        valid = truth[i] != IGNORE
         wrong = valid & (truth[i] != predicted[i])
         confusions = _top_confusions(truth[i][wrong], predicted[i][wrong], names, valid.sum())
         worst.append({"index": i, "miou": float(scores[i]), "confusions": confusions})

@@ -35,16 +35,18 @@ from torch.optim.swa_utils import AveragedModel
 
 from data_pipeline.classes import ClassMap, unknown_label
 from data_pipeline.dataset import SegmentationDataset, make_loader
-from data_pipeline.imbalance import build_sampler, class_pixel_frequencies, class_weights
+from data_pipeline.augment import Crop
+from data_pipeline.imbalance import build_sampler, class_pixel_frequencies, class_rarity, class_weights
 from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
-from models.factory import NORMALIZATION, build_model
+from models.factory import build_model, input_normalization
 from models.losses import build_loss
 from models.metrics import METRIC_MODES
 from models.open_set import UnknownScoring, open_set_loss
-from models.optim import (build_optimizer, build_scaler, build_scheduler, resolve_amp, resolve_channels_last,
-                          setting)
+from models.optim import (build_optimizer, build_scaler, build_scheduler, end_schedule_early, resolve_amp,
+                          resolve_channels_last, schedule_steps, setting)
+from models.weights import DEFAULT_NORMALIZATION
 from models.training import evaluate, evaluate_open_set, place_model, train_epoch, update_bn_statistics
 
 from .space import trial_defaults
@@ -94,6 +96,10 @@ class Trial:
         if math.isnan(self.best):
             return True
         return value > self.best if METRIC_MODES[self.metric] == "max" else value < self.best
+
+    @property
+    def normalization(self) -> dict:
+        return self.meta["normalization"]
 
     def swa_active(self, epoch: int) -> bool:
         return self.swa is not None and epoch > self.last_epoch - self.swa_epochs
@@ -148,7 +154,8 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
     generator = torch.Generator().manual_seed(cfg.get("seed", 0))
     sampler = build_sampler(cfg["sampler"], train_split.masks, num_classes, generator)
     train_loader = make_loader(
-        SegmentationDataset(train_split, cfg["augmentation"], train=True), cfg["batch_size"],
+        SegmentationDataset(train_split, cfg["augmentation"], train=True, crop=_crop(cfg, train_split, num_classes)),
+        cfg["batch_size"],
         workers=_loader_workers(cpus, device), pin_memory=device.type == "cuda",
         shuffle=sampler is None, sampler=sampler, drop_last=len(train_split) > cfg["batch_size"], generator=generator)
     val_loader = make_loader(SegmentationDataset(val_split, "none", train=False), max(cfg["batch_size"], 16))
@@ -172,7 +179,7 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
     meta = {
         "decoder": cfg["decoder"], "backbone": cfg["backbone"], "encoder_weights": cfg["encoder_weights"],
         "num_classes": num_classes, "class_names": list(train_split.class_names),
-        "input_size": [resize, resize], "normalization": NORMALIZATION,
+        "input_size": [resize, resize], "normalization": _normalization(cfg),
         "val_images": list(val_split.file_names), "config": cfg,
     }
     if open_set:
@@ -183,6 +190,23 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
                  amp=amp, channels_last=channels_last, swa=AveragedModel(model) if swa_epochs else None,
                  swa_epochs=swa_epochs, unknown=scoring, setup_time_s=time.perf_counter() - started,
                  deadline=_deadline(), last_epoch=cfg["max_epochs"])
+
+
+def _normalization(cfg: dict) -> dict:
+    """The encoder's own input statistics (auto), or the ImageNet pair whatever the encoder."""
+    if cfg["normalization"] == "imagenet":
+        return DEFAULT_NORMALIZATION
+    return input_normalization(cfg["backbone"], cfg["encoder_weights"])
+
+
+def _crop(cfg: dict, train_split, num_classes: int) -> Crop | None:
+    """The training crop (trial parameters crop, crop_focus), checked against the decoded size."""
+    if cfg["crop"] is None:
+        return None
+    if cfg["crop"] > cfg["resize"]:
+        raise UserError(f"crop {cfg['crop']} is larger than resize {cfg['resize']}")
+    focus = cfg["crop_focus"]
+    return Crop(cfg["crop"], focus, class_rarity(train_split.masks, num_classes) if focus else None)
 
 
 def _deadline() -> float | None:
@@ -206,7 +230,7 @@ def run_epochs(trial: Trial, report: Report) -> None:
         epoch = trial.epoch + 1
         started = time.perf_counter()
         train_loss = train_epoch(trial.model, trial.train_loader, trial.loss_fn, trial.optimizer, trial.device,
-                                 NORMALIZATION, scheduler=trial.scheduler, amp=trial.amp, scaler=trial.scaler,
+                                 trial.normalization, scheduler=trial.scheduler, amp=trial.amp, scaler=trial.scaler,
                                  grad_clip=setting(trial.cfg, "grad_clip"), channels_last=trial.channels_last)
         trained = time.perf_counter()
         scored = _average_weights(trial) if trial.swa_active(epoch) else trial.model
@@ -241,18 +265,17 @@ def plan_to_deadline(trial: Trial, now: float | None = None) -> None:
     fits = max(0, math.floor((trial.deadline - (time.time() if now is None else now)) / pace))
     last = min(trial.last_epoch, trial.epoch + fits)
     if last < trial.last_epoch:
-        step = trial.scheduler.last_epoch  # LambdaLR counts optimiser steps in last_epoch
-        trial.scheduler.lr_lambdas[0].end_early(step, step + (last - trial.epoch) * len(trial.train_loader))
+        end_schedule_early(trial.scheduler, trial.scheduler.last_epoch + (last - trial.epoch) * len(trial.train_loader))
         trial.last_epoch = last
         log.info("the search's time budget leaves this trial %d more epoch(s): it ends at epoch %d", fits, last)
 
 
 def _evaluate(trial: Trial, model: nn.Module) -> tuple[dict, list[dict]]:
     """Val metrics, and for an open-set trial its open-set curve (else [])."""
-    args = (model, trial.val_loader, trial.num_classes, trial.device, NORMALIZATION, trial.unknown)
+    args = (model, trial.val_loader, trial.num_classes, trial.device, trial.normalization, trial.unknown)
     if trial.unknown is not None and trial.unknown.open_set:
-        return evaluate_open_set(*args)
-    return evaluate(*args), []
+        return evaluate_open_set(*args, amp=trial.amp)
+    return evaluate(*args, amp=trial.amp), []
 
 
 def _placement() -> dict:
@@ -265,7 +288,7 @@ def _placement() -> dict:
 def _average_weights(trial: Trial) -> nn.Module:
     """Adds this epoch's weights to the average, recomputes its BatchNorm statistics; the averaged model."""
     trial.swa.update_parameters(trial.model)
-    update_bn_statistics(trial.swa, trial.train_loader, trial.device, NORMALIZATION, amp=trial.amp,
+    update_bn_statistics(trial.swa, trial.train_loader, trial.device, trial.normalization, amp=trial.amp,
                          channels_last=trial.channels_last)
     return trial.swa.module
 
@@ -302,8 +325,8 @@ def restore(trial: Trial, directory: str | Path) -> None:
     if "swa" in state and trial.swa is not None:
         trial.swa.load_state_dict(state["swa"])
     trial.epoch, trial.best = meta["epoch"], meta["metrics"][trial.metric]
-    curve_steps = trial.scheduler.lr_lambdas[0].total_steps  # shorter than max_epochs' if a deadline cut it
-    trial.last_epoch = min(trial.cfg["max_epochs"], math.ceil(curve_steps / max(1, len(trial.train_loader))))
+    steps = schedule_steps(trial.scheduler)  # fewer than max_epochs' if a deadline shortened it
+    trial.last_epoch = min(trial.cfg["max_epochs"], math.ceil(steps / max(1, len(trial.train_loader))))
     trial.best_val_miou = meta.get("best_val_miou", meta["metrics"]["val_miou"])
 
 

@@ -196,3 +196,57 @@ def test_dataloader_workers_draw_differently_and_reproducibly():
     first, again = batches(), batches()
     assert not torch.equal(first[0], first[1])  # the two workers do not repeat each other's draws
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# --- training crops (augment.Crop): patches for training, whole images for evaluation ---
+
+def _pixel_coordinates(count=2, size=SIZE) -> Split:
+    """Images whose pixels hold their own coordinates (y in red, x in green), so a crop says where it
+    came from; masks label one small square 2 (rare) in a field of 1."""
+    ys, xs = np.mgrid[:size, :size]
+    image = np.stack([ys, xs, np.zeros_like(ys)], axis=-1).astype(np.uint8)
+    mask = np.ones((size, size), np.uint8)
+    mask[80:84, 4:8] = 2
+    return _split([image] * count, [mask] * count)
+
+
+@pytest.mark.parametrize("policy", ["none", "flip", "cutmix"])
+def test_a_crop_is_a_window_of_the_sample_with_its_labels(policy):
+    from data_pipeline.augment import Crop
+
+    split = _pixel_coordinates()
+    ds = SegmentationDataset(split, policy, train=True, crop=Crop(32))
+    torch.manual_seed(0)
+    tops = set()
+    for _ in range(20):
+        image, mask = ds[0]
+        assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
+        ys = image[..., 0].numpy().astype(int)
+        top, left = ys.min(), int(image[..., 1].numpy().min())
+        assert np.array_equal(ys, top + np.arange(32)[:, None].repeat(32, 1))  # one contiguous window
+        truth = split.masks[0][top:top + 32, left:left + 32]
+        if policy == "none":
+            assert np.array_equal(mask.numpy(), truth)
+        tops.add(top)
+    assert len(tops) > 5  # crops move around
+    whole = SegmentationDataset(split, policy, train=False, crop=Crop(32))
+    assert whole[0][0].shape == (SIZE, SIZE, 3)  # evaluation sees the whole image
+
+
+def test_focused_crops_find_the_rare_class_and_uniform_ones_rarely_do():
+    from data_pipeline.augment import Crop
+    from data_pipeline.imbalance import class_rarity
+
+    split = _pixel_coordinates()
+    rarity = class_rarity(split.masks, 3)
+    assert rarity[0] == 0 and rarity[1] > 0 and rarity[2] > 0
+    rng = np.random.default_rng(0)
+    focused = Crop(32, focus=1.0, rarity=np.array([0.0, 0.0, 1.0]))
+    assert all((focused(split.images[0], split.masks[0], rng)[1] == 2).any() for _ in range(50))
+    uniform = Crop(32)
+    hits = sum((uniform(split.images[0], split.masks[0], rng)[1] == 2).any() for _ in range(200))
+    assert hits < 100
+    no_rare = np.ones((SIZE, SIZE), np.uint8)
+    assert focused(split.images[0], no_rare, rng)[1].shape == (32, 32)  # falls back to a uniform crop
+    with pytest.raises(ValueError, match="crop 128 is larger than the 96x96 image"):
+        Crop(128)(split.images[0], split.masks[0], rng)

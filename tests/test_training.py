@@ -11,7 +11,8 @@ from data_pipeline.cache import load_split
 from data_pipeline.dataset import SegmentationDataset, make_loader
 from data_pipeline.trial_data import DataSpec
 from models.checkpoint import load_checkpoint
-from models.factory import NORMALIZATION, build_model
+from models.factory import build_model
+from models.weights import DEFAULT_NORMALIZATION
 from models.inference import normalize
 from models.losses import build_loss
 from models.training import evaluate, place_model, train_epoch
@@ -26,9 +27,9 @@ def test_training_lowers_the_loss_and_evaluation_reports_bounded_metrics(sample_
     model = build_model("Unet", "resnet18", num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn = build_loss({"loss": "ce"})
-    losses = [train_epoch(model, loader, loss_fn, optimizer, "cpu", NORMALIZATION) for _ in range(6)]
+    losses = [train_epoch(model, loader, loss_fn, optimizer, "cpu", DEFAULT_NORMALIZATION) for _ in range(6)]
     assert losses[-1] < 0.7 * losses[0], losses
-    metrics = evaluate(model, loader, num_classes, "cpu", NORMALIZATION)
+    metrics = evaluate(model, loader, num_classes, "cpu", DEFAULT_NORMALIZATION)
     assert set(metrics) == {"val_miou", "val_image_miou", "val_pixel_acc", "val_loss"}
     assert 0 < metrics["val_image_miou"] <= 1
     assert 0 < metrics["val_miou"] <= 1 and 0 < metrics["val_pixel_acc"] <= 1 and metrics["val_loss"] > 0
@@ -64,7 +65,7 @@ def test_grad_clipping_bounds_the_total_gradient_norm(sample_root):
         torch.manual_seed(0)
         model = build_model("FPN", "resnet18", num_classes)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the gradients stay after the step
-        train_epoch(model, itertools.islice(loader, 1), _HugeLoss(), optimizer, "cpu", NORMALIZATION, grad_clip=clip)
+        train_epoch(model, itertools.islice(loader, 1), _HugeLoss(), optimizer, "cpu", DEFAULT_NORMALIZATION, grad_clip=clip)
         norms[clip] = _grad_norm(model)
     assert norms[None] > 1e4, norms
     assert norms[1.0] == pytest.approx(1.0, rel=1e-3), norms
@@ -78,7 +79,7 @@ def test_channels_last_training_keeps_the_format_and_matches_contiguous_training
         model = place_model(build_model("FPN", "resnet18", num_classes), "cpu", channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses[channels_last] = [train_epoch(model, loader, build_loss({"loss": "ce"}), optimizer, "cpu",
-                                             NORMALIZATION, channels_last=channels_last) for _ in range(2)]
+                                             DEFAULT_NORMALIZATION, channels_last=channels_last) for _ in range(2)]
         models[channels_last] = model
     convs = [m.weight for m in models[True].modules() if isinstance(m, nn.Conv2d)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # still, after AdamW steps
@@ -134,7 +135,7 @@ def test_swa_batchnorm_statistics_are_recomputed_for_the_averaged_weights(swa_ru
         with torch.no_grad(), torch.autocast("cpu", dtype=trial.amp, enabled=trial.amp is not None):
             trial.swa.module.eval()
             for images, _ in trial.train_loader:  # equal batches: the mean of batch means is order-free
-                trial.swa.module(normalize(images, NORMALIZATION))
+                trial.swa.module(normalize(images, DEFAULT_NORMALIZATION))
     finally:
         hook.remove()
     assert torch.allclose(first_bn.running_mean, torch.stack(batch_means).mean(0), atol=1e-5)
