@@ -95,78 +95,32 @@ def parse_args(argv):
     return args
 
 
+def _check_installed() -> None:
+    """Ray's trial workers import the project as an installed package, not from this folder: it must be
+    installed (`pip install -e .`), and from this checkout, or trials would run other code or none."""
+    import subprocess
+    import tempfile
+
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as elsewhere:  # where this folder is not on the import path
+        found = subprocess.run([sys.executable, "-c", "import search; print(search.__file__)"], cwd=elsewhere,
+                               capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                    if k != "PYTHONPATH"})
+    if found.returncode:
+        raise UserError(f"the project is not installed in {sys.executable}'s environment; run "
+                        f"`{sys.executable} -m pip install -e {here}` (Ray's trial workers import it as a package)")
+    installed = Path(found.stdout.strip()).resolve().parent.parent
+    if installed != here:
+        raise UserError(f"this Python imports the project from {installed}, not from {here}; run "
+                        f"`{sys.executable} -m pip install -e {here}` (Ray's trial workers import the installed one)")
+
+
 def _check_gpus(requested: float) -> None:
     import torch
 
     available = torch.cuda.device_count()
     if requested > available:
         raise UserError(f"--gpus {requested:g} asks for more GPUs than this machine has ({available})")
-
-
-def _validate_data(spec, data_root: Path, skip_bad: bool) -> tuple[list[str], str, int]:
-    """Checks the annotation files the search trains and validates on (pseudo-labels included), and
-    every image they list, before Ray starts. Returns (file_names to leave out, image counts, number
-    of classes)."""
-    from data_pipeline.pseudo_labels import pseudo_class_map
-
-    if not data_root.is_dir():
-        raise UserError(f"data root {data_root} does not exist or is not a folder")
-    d = spec.data
-    files = {"train": d.train, "val": d.val} if d.split == "given" else {f"{d.folds}-fold": d.train_all}
-    skip, counts, classes = [], [], {}
-    for role, ann in files.items():
-        report, bad = _checked(data_root, ann, spec.class_map, skip_bad)
-        skip += bad
-        counts.append(f"{report.num_images - len(bad)} {role}")
-        classes[ann] = report.class_names
-    _check_test_images(data_root, d.test, spec.class_map)
-    (first, first_names), *others = classes.items()
-    for ann, names in others:
-        if names != first_names:
-            raise UserError(f"{data_root / first} and {data_root / ann} have different classes: "
-                            f"{first_names} vs {names}")
-    _check_unknown_class(spec, first, first_names)
-    for ann in d.pseudo_labels:  # in the search's classes (and Uncertain), or refused
-        report, bad = _checked(data_root, ann, pseudo_class_map(first_names), skip_bad)
-        skip += bad
-        counts.append(f"{report.num_images - len(bad)} pseudo-labelled")
-    return skip, " / ".join(counts) + " images", len(first_names)
-
-
-def _check_unknown_class(spec, ann: str, class_names) -> None:
-    """A space whose trials may treat UNKNOWN their own way needs an UNKNOWN class in the data."""
-    from data_pipeline.classes import ClassMap, unknown_label
-    from search.space import possible_values
-
-    treatments = sorted(set(possible_values(spec.params, "unknown")) - {"keep"})
-    if treatments and unknown_label(class_names, spec.class_map) is None:
-        names = ", ".join((spec.class_map or ClassMap()).unknown_names)
-        raise UserError(f"space.unknown: {treatments[0]} needs an UNKNOWN class, but {ann} has no category named "
-                        f"{names} (its classes: {', '.join(class_names)}); name it with the class map's unknown.names")
-
-
-def _checked(data_root: Path, ann: str, class_map, skip_bad: bool):
-    """(validation report, file_names to leave out) of one annotation file; warns about those."""
-    from data_pipeline.validate import check_usable, format_warning, validate_dataset
-
-    report = validate_dataset(data_root, ann, class_map=class_map)
-    bad = check_usable(report, skip_bad)
-    if bad:
-        print(format_warning(report), file=sys.stderr, flush=True)
-    return report, bad
-
-
-def _check_test_images(data_root: Path, test_ann: str, class_map) -> None:
-    """The test images must all be readable now: the submission needs a row for each of them."""
-    from data_pipeline.validate import summarise, validate_dataset
-
-    if not (data_root / test_ann).is_file():
-        print(f"warning: {data_root / test_ann} does not exist; ensemble_select.py will need it", file=sys.stderr)
-        return
-    report = validate_dataset(data_root, test_ann, class_map=class_map, require_annotations=False)
-    if report.problems():
-        raise UserError(f"{test_ann} cannot be used (test images cannot be skipped: the submission needs "
-                        f"every one): {summarise(report.problems())}")
 
 
 def _wandb_mode(args) -> str | None:
@@ -208,12 +162,12 @@ def _read_launch_file(experiment: Path) -> dict:
     return settings
 
 
-def _print_plan(spec, space: Path, data_root: Path, counts: str, num_classes: int, experiment: Path, args,
-                wandb_mode: str | None) -> None:
+def _print_plan(launch: Launch, checked, args) -> None:
+    from search.preflight import weights_report
     from search.space import describe
     from search.tune_runner import concurrency, trial_resources
 
-    e = spec.experiment
+    e, spec = launch.settings, launch.spec
     res = trial_resources(e, args.gpus)
     if args.address:
         at_once = f"as the cluster at {args.address} allows (not known without joining it)"
@@ -223,46 +177,18 @@ def _print_plan(spec, space: Path, data_root: Path, counts: str, num_classes: in
              for k in range(int(math.log(e.max_epochs / e.grace_period, e.reduction_factor) + 1e-9) + 1)]
     stopping = (f"ASHA grace_period {e.grace_period}, reduction_factor {e.reduction_factor} "
                 f"(rungs at epochs {', '.join(map(str, rungs))})" if e.scheduler == "asha" else "FIFO (no early stopping)")
-    print(f"Dry run: nothing started.\nData: {data_root} ({counts}, {num_classes} classes)\nSpace: {space}\n"
-          f"Experiment: {experiment}\n"
+    print(f"Dry run: nothing started.\nData: {launch.data_root} ({checked.summary}, {checked.num_classes} classes)\n"
+          f"Space: {args.space}\nExperiment: {launch.experiment}\n"
           f"Trials: {args.num_samples or e.num_samples}, {at_once}; each {res['cpu']:g} CPUs, {res['gpu']:g} GPUs\n"
           f"Epochs: up to {e.max_epochs}; {stopping}\n"
           f"Time budget: {_format_duration(args.time_budget) if args.time_budget else 'none'}\n"
           f"Ranking: {e.metric} ({e.mode}); seed {e.seed}; max_failures {e.max_failures}\n"
-          f"wandb: {wandb_mode or 'off'}\nSearch space:")
+          f"wandb: {launch.wandb_mode or 'off'}\nSearch space:")
     for line in describe(spec):
         print(f"  {line}")
-    _print_weights(spec)
-
-
-def _check_weights_cached(spec) -> None:
-    """Every pretrained encoder the space can propose must be in the cache (or downloadable) before
-    Ray starts: a trial would otherwise fail on it (it never trains random weights instead)."""
-    from models.factory import cached_weights
-    from models.weights import hub_reachable
-    from search.space import pretrained_encoders
-
-    for backbone, weights in pretrained_encoders(spec):
-        found, hint = cached_weights(backbone, weights)
-        if not found and not hub_reachable():
-            raise UserError(f"space: backbone {backbone} with encoder_weights {weights!r} {hint}")
-
-
-def _print_weights(spec) -> None:
-    """Whether the weight files of every pretrained encoder the space can propose are in the cache."""
-    from models.factory import cached_weights, input_normalization
-    from search.space import pretrained_encoders
-
-    pairs = pretrained_encoders(spec)
-    if pairs:
-        print("Pretrained encoders:")
-    for backbone, weights in pairs:
-        found, hint = cached_weights(backbone, weights)
-        if found:
-            norm = input_normalization(backbone, weights)
-            print(f"  {backbone} {weights}: cached ({found}); input mean {norm['mean']}, std {norm['std']}")
-        else:
-            print(f"  {backbone} {weights}: MISSING, trials using it will fail: {hint}")
+    weights = weights_report(spec)
+    if weights:
+        print("Pretrained encoders:\n" + "\n".join(f"  {line}" for line in weights))
 
 
 def _format_duration(seconds: float) -> str:
@@ -270,97 +196,146 @@ def _format_duration(seconds: float) -> str:
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
+@dataclasses.dataclass
+class Launch:
+    """What starting Ray and the search needs, for a new search or a resumed one."""
+    experiment: Path
+    settings: object  # search.space.ExperimentSettings
+    gpus: float
+    wandb_mode: str | None
+    spec: object = None  # search.space.SearchSpec of a new search (a resumed one keeps Tune's state)
+    data_root: Path | None = None
+    skip: list = dataclasses.field(default_factory=list)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    storage = args.storage.resolve()
-    wandb_mode = _wandb_mode(args)
+    _check_installed()
     if args.dashboard_host not in LOCAL_HOSTS:
         print(f"warning: the Ray dashboard will listen on {args.dashboard_host}: the dashboard and its job API run "
               f"code for anyone who reaches them (Ray's token is all that stands in the way)",
               file=sys.stderr, flush=True)
+    launch = _resumed(args) if args.resume else _new_search(args)
+    if launch is None:  # --dry-run: the plan is printed, nothing started
+        return 0
+    _start_ray(args, launch)
+    from search.tune_runner import resume_search, run_search, trial_resources
+
     if args.resume:
-        experiment = storage / args.name
-        settings = _read_launch_file(experiment)
-        from search.space import ExperimentSettings
-
-        e = ExperimentSettings(**settings["experiment"])
-        gpus, data_root = float(settings["gpus"]), Path(settings["data_root"])
-        if not data_root.is_dir():
-            raise UserError(f"--resume: the experiment's data root {data_root} does not exist any more")
-        if not args.address:
-            _check_gpus(gpus)
-        wandb_mode = _wandb_mode_on_resume(args, wandb_mode, settings)
-        print(f"Resuming {experiment} (data {data_root}, space {settings.get('space', '?')})", flush=True)
+        resume_search(launch.experiment, trial_resources(launch.settings, launch.gpus))
     else:
-        from search.space import load_space
+        _write_launch_file(args, launch)
+        run_search(launch.spec, launch.data_root, storage=launch.experiment.parent, name=launch.experiment.name,
+                   gpus=launch.gpus, num_samples=args.num_samples, skip=launch.skip,
+                   wandb=launch.wandb_mode is not None, time_budget_s=args.time_budget)
+    return _finish(launch)
 
-        spec = load_space(args.space)
-        e = spec.experiment
-        if not args.address:
-            _check_gpus(args.gpus)
-        if args.data is None:
-            from data_pipeline.sample_data import ensure_sample_dataset
 
-            print("Using the built-in sample dataset (generated on first use)...", flush=True)
-            data_root = ensure_sample_dataset()
-        else:
-            data_root = args.data.resolve()
-        skip, counts, num_classes = _validate_data(spec, data_root, args.skip_bad)
-        name = args.name or time.strftime("search-%Y%m%d-%H%M%S")
-        experiment = storage / name
-        if experiment.exists():
-            raise UserError(f"experiment {experiment} already exists; choose another --name (or --resume it)")
-        if args.dry_run:
-            _print_plan(spec, args.space, data_root, counts, num_classes, experiment, args, wandb_mode)
-            return 0
-        if not args.address:  # on a cluster the weights must be on the workers' nodes, not necessarily here
-            _check_weights_cached(spec)
-        gpus = args.gpus
-        print(f"Data: {data_root} ({counts}, {num_classes} classes)\nSpace: {args.space}\n"
-              f"Experiment: {experiment}", flush=True)
+def _resumed(args) -> Launch:
+    """An interrupted experiment, as launch.json says it was started."""
+    from search.space import ExperimentSettings
 
-    from search.experiment import best_trial_summary, format_table, leaderboard_rows, read_trials, write_leaderboard
+    experiment = args.storage.resolve() / args.name
+    settings = _read_launch_file(experiment)
+    gpus, data_root = float(settings["gpus"]), Path(settings["data_root"])
+    if not data_root.is_dir():
+        raise UserError(f"--resume: the experiment's data root {data_root} does not exist any more")
+    if not args.address:
+        _check_gpus(gpus)
+    wandb_mode = _wandb_mode_on_resume(args, _wandb_mode(args), settings)
+    print(f"Resuming {experiment} (data {data_root}, space {settings.get('space', '?')})", flush=True)
+    return Launch(experiment, ExperimentSettings(**settings["experiment"]), gpus, wandb_mode, data_root=data_root)
+
+
+def _new_search(args) -> Launch | None:
+    """A new search, its space and data checked before Ray starts; None after a dry run."""
+    from search.preflight import check_data, check_weights_cached
+    from search.space import load_space
+
+    spec = load_space(args.space)
+    if not args.address:
+        _check_gpus(args.gpus)
+    data_root = _data_root(args)
+    checked = check_data(spec, data_root, args.skip_bad)
+    for warning in checked.warnings:
+        print(warning, file=sys.stderr, flush=True)
+    experiment = args.storage.resolve() / (args.name or time.strftime("search-%Y%m%d-%H%M%S"))
+    if experiment.exists():
+        raise UserError(f"experiment {experiment} already exists; choose another --name (or --resume it)")
+    launch = Launch(experiment, spec.experiment, args.gpus, _wandb_mode(args), spec, data_root, checked.skip)
+    if args.dry_run:
+        _print_plan(launch, checked, args)
+        return None
+    if not args.address:  # on a cluster the weights must be on the workers' nodes, not necessarily here
+        check_weights_cached(spec)
+    print(f"Data: {data_root} ({checked.summary}, {checked.num_classes} classes)\nSpace: {args.space}\n"
+          f"Experiment: {experiment}", flush=True)
+    return launch
+
+
+def _data_root(args) -> Path:
+    if args.data is not None:
+        return args.data.resolve()
+    from data_pipeline.sample_data import ensure_sample_dataset
+
+    print("Using the built-in sample dataset (generated on first use)...", flush=True)
+    return ensure_sample_dataset()
+
+
+def _start_ray(args, launch: Launch) -> None:
+    """Sets what trial workers inherit (wandb's mode, the time budget's deadline), then starts or joins Ray."""
     from search.trainable import DEADLINE_ENV
-    from search.tune_runner import auth_token_path, resume_search, run_search, start_ray, trial_resources
+    from search.tune_runner import auth_token_path, start_ray
 
-    if wandb_mode:
-        os.environ["WANDB_MODE"] = wandb_mode  # before Ray starts: the workers inherit it
+    if launch.wandb_mode:
+        os.environ["WANDB_MODE"] = launch.wandb_mode  # before Ray starts: the workers inherit it
     os.environ.pop(DEADLINE_ENV, None)
     if args.time_budget:  # trials plan their last epoch to end by it (search.trainable)
         os.environ[DEADLINE_ENV] = str(time.time() + args.time_budget)
-    dashboard = start_ray(gpus, dashboard_host=args.dashboard_host, address=args.address)
+    dashboard = start_ray(launch.gpus, dashboard_host=args.dashboard_host, address=args.address)
     if dashboard:
         where = "local only" if args.dashboard_host in LOCAL_HOSTS and not args.address else "reachable from the network"
         print(f"Ray dashboard: http://{dashboard} ({where}; it asks for Ray's token: "
               f"`ray get-auth-token` prints it, from {auth_token_path()}; API clients send `Authorization: Bearer "
               f"<token>`)", flush=True)
-    if args.resume:
-        resume_search(experiment, trial_resources(e, gpus))
-    else:
-        write_atomically(experiment / LAUNCH_FILE, json.dumps({
-            "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(data_root),
-            "skip": sorted(skip), "gpus": gpus, "num_samples": args.num_samples or e.num_samples,
-            "wandb": wandb_mode is not None, "time_budget_s": args.time_budget,
-        }, indent=2))
-        run_search(spec, data_root, storage=storage, name=experiment.name, gpus=gpus,
-                   num_samples=args.num_samples, skip=skip, wandb=wandb_mode is not None,
-                   time_budget_s=args.time_budget)
-    trials = read_trials(experiment)
+
+
+def _write_launch_file(args, launch: Launch) -> None:
+    """What --resume needs, beside the experiment."""
+    e = launch.settings
+    write_atomically(launch.experiment / LAUNCH_FILE, json.dumps({
+        "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(launch.data_root),
+        "skip": sorted(launch.skip), "gpus": launch.gpus, "num_samples": args.num_samples or e.num_samples,
+        "wandb": launch.wandb_mode is not None, "time_budget_s": args.time_budget,
+    }, indent=2))
+
+
+def _finish(launch: Launch) -> int:
+    """The leaderboard, the best trial and the report; exit code 1 when no trial reported a val mIoU."""
+    from search.experiment import best_trial_summary, format_table, leaderboard_rows, read_trials, write_leaderboard
+    from search.report import report_after_run
+
+    trials = read_trials(launch.experiment)
     rows = leaderboard_rows(trials)
-    path = write_leaderboard(experiment, rows)
+    path = write_leaderboard(launch.experiment, rows)
     print(f"\nLeaderboard ({path}):\n{format_table(rows)}\n\n{best_trial_summary(trials)}")
     errored = [t for t in trials if t.status == "errored"]
     if errored:
-        print(f"{len(errored)} trial(s) errored (each tried {e.max_failures + 1} time(s)); "
+        print(f"{len(errored)} trial(s) errored (each tried {launch.settings.max_failures + 1} time(s)); "
               f"trial {errored[0].trial_id}: {errored[0].error}", file=sys.stderr)
     if not any(r["best_val_miou"] for r in rows):
         print("error: no trial reported a val mIoU; see the errors above", file=sys.stderr)
         return 1
-    from search.report import report_after_run
-
-    report_after_run(experiment)
-    print(f"\nNext: python ensemble_select.py --experiment {experiment} --topk 5")
+    _print_report(*report_after_run(launch.experiment))
+    print(f"\nNext: python ensemble_select.py --experiment {launch.experiment} --topk 5")
     return 0
+
+
+def _print_report(path, warning) -> None:
+    if path:
+        print(f"Report: {path}", flush=True)
+    else:
+        print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

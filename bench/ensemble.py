@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from data_pipeline.submission import format_labels  # noqa: E402
-from models.ensemble import greedy_selection  # noqa: E402
+from data_pipeline.submission import format_labels
+from models.ensemble import greedy_selection
 
 
 def naive_miou(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> float:

@@ -16,19 +16,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 from models.factory import build_model
-from models.weights import DEFAULT_NORMALIZATION  # noqa: E402
-from models.losses import build_loss  # noqa: E402
-from models.optim import build_optimizer, build_scheduler, resolve_amp  # noqa: E402
-from models.training import place_model, train_epoch  # noqa: E402
+from models.losses import build_loss
+from models.optim import build_optimizer, build_scheduler, resolve_amp
+from models.training import place_model, train_epoch
+from models.weights import DEFAULT_NORMALIZATION
 
 
 def parse_args():

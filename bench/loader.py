@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -27,12 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from data_pipeline.augment import build_transform  # noqa: E402
-from data_pipeline.cache import load_split  # noqa: E402
-from data_pipeline.coco import CocoSegmentation  # noqa: E402
-from data_pipeline.dataset import SegmentationDataset, make_loader  # noqa: E402
+from data_pipeline.augment import build_transform
+from data_pipeline.cache import load_split
+from data_pipeline.coco import CocoSegmentation
+from data_pipeline.dataset import SegmentationDataset, make_loader
 
 
 class NaiveDataset(Dataset):

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SPACE = """experiment: {{num_samples: {trials}, max_epochs: {epochs}, grace_period: {epochs}, reduction_factor: 2,
              seed: 0, cpus_per_trial: {cpus}}}

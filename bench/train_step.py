@@ -26,22 +26,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
+from labels import IGNORE
 from models.factory import build_model
-from models.weights import DEFAULT_NORMALIZATION  # noqa: E402
-from models.inference import normalize  # noqa: E402
-from models.losses import build_loss  # noqa: E402
-from labels import IGNORE  # noqa: E402
-from models.optim import (AMP_MODES, build_optimizer, build_scaler, build_scheduler, resolve_amp,  # noqa: E402
-                          resolve_channels_last)
-from models.training import place_model, train_epoch  # noqa: E402
+from models.inference import normalize
+from models.losses import build_loss
+from models.optim import AMP_MODES, build_optimizer, build_scaler, build_scheduler, resolve_amp, resolve_channels_last
+from models.training import place_model, train_epoch
+from models.weights import DEFAULT_NORMALIZATION
 
 LR, WEIGHT_DECAY = 1e-3, 1e-4
 

@@ -15,21 +15,18 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
+from loader import NaiveDataset  # bench/loader.py
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from data_pipeline.cache import load_split  # noqa: E402
-from data_pipeline.dataset import SegmentationDataset, make_loader  # noqa: E402
-from loader import NaiveDataset  # noqa: E402  (bench/loader.py)
+from data_pipeline.cache import load_split
+from data_pipeline.dataset import SegmentationDataset, make_loader
 from models.factory import build_model
-from models.weights import DEFAULT_NORMALIZATION  # noqa: E402
-from models.losses import build_loss  # noqa: E402
-from models.training import train_epoch  # noqa: E402
+from models.losses import build_loss
+from models.training import train_epoch
+from models.weights import DEFAULT_NORMALIZATION
 
 
 def timed_steps(batches, steps: int, warmup: int, num_classes: int, device) -> float:

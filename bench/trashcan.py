@@ -1,11 +1,10 @@
-"""What the trashcan-mini benchmarks share: the project on the import path, and where the data lives."""
+"""What the trashcan-mini benchmarks share: where the project and the data live."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 TRASHCAN = ROOT.parent / "shared" / "datasets" / "trashcan-mini"
 
 

@@ -18,7 +18,6 @@ from errors import UserError
 from .space import SearchSpec, SpaceSampler
 from .trainable import DEADLINE_ENV, train_segmentation
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_HOST, DASHBOARD_PORT = "127.0.0.1", 8265
 
 
@@ -27,15 +26,15 @@ def start_ray(gpus: float, cpus: int | None = None, *, dashboard_host: str = DAS
     """Starts a local Ray instance (dashboard on dashboard_host, 127.0.0.1 unless asked otherwise), or
     joins the cluster at address (auto, HOST:PORT or ray://...); returns the dashboard URL.
 
-    Workers inherit this environment at start, so the project's import path, wandb's mode and a time
-    budget's deadline are set before ray.init (and passed as the job's runtime environment when joining a cluster).
+    Workers import the project as the installed package it is (`pip install -e .`; on a cluster, on
+    every node) and inherit this environment at start, so wandb's mode and a time budget's deadline are
+    set before ray.init (and passed as the job's runtime environment when joining a cluster).
     """
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
         _check_address(address)
-        env = {k: os.environ[k] for k in ("PYTHONPATH", "WANDB_MODE", "WANDB_API_KEY", DEADLINE_ENV) if k in os.environ}
+        env = {k: os.environ[k] for k in ("WANDB_MODE", "WANDB_API_KEY", DEADLINE_ENV) if k in os.environ}
         try:
             context = ray.init(address=address, runtime_env={"env_vars": env}, configure_logging=True,
                                logging_level="WARNING", log_to_driver=True)

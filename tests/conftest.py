@@ -11,7 +11,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 # Tiny models on a shared 2-core machine: two OpenMP threads make their forward passes many times
