@@ -69,16 +69,10 @@ def main(argv=None) -> int:
     print(f"Details: {Path(summary['submission']).with_name('ensemble.json')}")
     from search.report import report_after_run
 
-    _print_report(*report_after_run(experiment, Path(summary["submission"]).with_name("ensemble.json")))
+    print(report_after_run(experiment, Path(summary["submission"]).with_name("ensemble.json")))
     return 0
 
 
-
-def _print_report(path, warning) -> None:
-    if path:
-        print(f"Report: {path}", flush=True)
-    else:
-        print(warning, file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

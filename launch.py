@@ -326,16 +326,9 @@ def _finish(launch: Launch) -> int:
     if not any(r["best_val_miou"] for r in rows):
         print("error: no trial reported a val mIoU; see the errors above", file=sys.stderr)
         return 1
-    _print_report(*report_after_run(launch.experiment))
+    print(report_after_run(launch.experiment))
     print(f"\nNext: python ensemble_select.py --experiment {launch.experiment} --topk 5")
     return 0
-
-
-def _print_report(path, warning) -> None:
-    if path:
-        print(f"Report: {path}", flush=True)
-    else:
-        print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

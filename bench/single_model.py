@@ -31,6 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="trial parameter values")
     parser.add_argument("--gt", default="test_gt.json", help="labelled test annotations under --data")
     parser.add_argument("--size", type=int, default=256, help="submission size the test is scored at")
+    parser.add_argument("--save", type=Path, default=None, help="also keep the last epoch's checkpoint there")
     args = parser.parse_args(argv)
     check_data(args.data)
     return args
@@ -119,6 +120,10 @@ def main(argv=None) -> int:
               f"train {metrics['train_time_s']:.0f} s  eval {metrics['eval_time_s']:.0f} s", flush=True)
 
     run_epochs(trial, report)
+    if args.save:
+        from search.trainable import save_trial_checkpoint
+
+        save_trial_checkpoint(trial, trial.model, epochs[-1], args.save)
     scores = score_on_test(trial, args.data, args.gt, args.size)
     per_class = {kind: {name: round(iou, 3) for name, iou in scores[kind]["per_class_iou"].items() if iou is not None}
                  for kind in ("plain", "filtered")}

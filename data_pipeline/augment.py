@@ -77,21 +77,37 @@ class Crop:
     With probability `focus` the crop is placed around a pixel of a class the image contains, the
     class drawn with probability proportional to `rarity` (per label; 0 never draws), so that rare
     classes are seen far more often than their share of the pixels (nnU-Net oversamples foreground
-    patches the same way). Otherwise, and in images without such a class, the crop is uniform."""
+    patches the same way). Otherwise, and in images without such a class, the crop is uniform.
+
+    With max_scale > 1 the window's side is drawn uniformly between size and size x max_scale (at
+    most the image's), and the window is resized to size x size: the model then sees objects both at
+    the resolution it predicts at and zoomed out with more context, as MMSegmentation's random
+    rescale before its crop does."""
 
     size: int
     focus: float = 0.0
     rarity: np.ndarray | None = None  # float [num_classes]; needed when focus > 0
+    max_scale: float = 1.0
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         height, width = mask.shape
         if self.size > min(height, width):
             raise ValueError(f"crop {self.size} is larger than the {height}x{width} image")
+        side = self._window_side(min(height, width), rng)
         centre = self._focus_pixel(mask, rng) if self.focus and rng.uniform() < self.focus else None
-        top = _window_start(height, self.size, rng, None if centre is None else centre[0])
-        left = _window_start(width, self.size, rng, None if centre is None else centre[1])
-        box = np.s_[top:top + self.size, left:left + self.size]
-        return image[box], mask[box]
+        top = _window_start(height, side, rng, None if centre is None else centre[0])
+        left = _window_start(width, side, rng, None if centre is None else centre[1])
+        box = np.s_[top:top + side, left:left + side]
+        image, mask = image[box], mask[box]
+        if side == self.size:
+            return image, mask
+        size = (self.size, self.size)
+        return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+                cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST))
+
+    def _window_side(self, largest: int, rng: np.random.Generator) -> int:
+        high = min(largest, round(self.size * self.max_scale))
+        return int(rng.integers(self.size, high + 1)) if high > self.size else self.size
 
     def _focus_pixel(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int] | None:
         present = np.bincount(mask.ravel(), minlength=256)[:len(self.rarity)] > 0

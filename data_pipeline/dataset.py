@@ -104,8 +104,8 @@ class SegmentationDataset(Dataset):
 
 def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0, **options) -> DataLoader:
     """A DataLoader; with workers, batches reach the main process through torch's file_system
-    sharing strategy (a shared-memory file name per batch instead of passing file descriptors):
-    about 30% more samples/s with 2 workers here (bench/loader.py), and no descriptor limits."""
+    sharing strategy (a shared-memory file name per batch instead of passing file descriptors): more
+    samples/s than descriptor passing (bench/loader.py), and no descriptor limits."""
     if workers:
         torch.multiprocessing.set_sharing_strategy("file_system")
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0, **options)

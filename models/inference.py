@@ -37,7 +37,7 @@ def normalize(images: torch.Tensor, normalization: dict) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _pixel_statistics(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std in pixel units on device, made once: a tensor built from a list on a GPU is a
-    blocking host-to-device copy, which would stall every training step (bench/train_step.py)."""
+    blocking host-to-device copy, which would stall every training step."""
     return torch.tensor(mean, device=device) * 255, torch.tensor(std, device=device) * 255
 
 
@@ -81,8 +81,7 @@ def predict_batch(model: nn.Module, images: torch.Tensor, out_size: tuple[int, i
 def to_labels(probs: torch.Tensor) -> torch.Tensor:
     """Argmax over the class dimension of [B, C, H, W]; first class wins ties.
 
-    `max(dim=1).indices` gives the same answer as `argmax(dim=1)` several times faster on CPU here
-    (8x on 8x11x256x256, see README).
+    `max(dim=1).indices` gives the same answer as `argmax(dim=1)`, several times faster on the CPU.
     """
     return probs.max(dim=1).indices
 

@@ -4,20 +4,20 @@ Schedules step once per optimiser step (per iteration, inside models.training.tr
 warmup over `warmup_epochs`, then `cosine`, `poly` (power 0.9, as in DeepLab) or `constant` over the
 remaining iterations of max_epochs. Per-iteration stepping makes short warmups (one epoch of a few
 steps) smooth. Without warmup, cosine's lr at the start of epoch e is CosineAnnealingLR(T_max=
-max_epochs)'s value for epoch e (the per-epoch schedule trials had before) and decays smoothly in
-between.
+max_epochs)'s value for epoch e, decaying smoothly in between.
+
+Parameter groups: a segmentation model's encoder and the rest (decoder, head) are two groups, so a
+pretrained encoder can train at lr x `encoder_lr_scale` and sit frozen (lr 0) for its first
+`freeze_encoder_epochs` while the randomly initialised decoder settles.
 
 AMP: `auto` is bf16 autocast on a CUDA device that supports it, else fp16 with a GradScaler. On the
-CPU, `auto` and `bf16` are bf16 autocast where the CPU has AMX tiles (oneDNN runs bf16 convolutions on
-them: 2.0-2.4x the images/s of float32 for Unet-resnet18, 1.8x for FPN-resnet18, bench/epoch_cost.py
---amp); elsewhere bf16 is emulated and slower than float32, so `auto` stays float32 and an explicit
-bf16/fp16 request trains in float32 with a note for the trial log. One search space runs on every
-machine.
+CPU, `auto` and `bf16` are bf16 autocast where the CPU runs bf16 convolutions in hardware (AMX tiles
+or AVX512-BF16, through oneDNN); elsewhere bf16 is emulated and slower than float32, so `auto` stays
+float32 and an explicit bf16/fp16 request trains in float32 with a note for the trial log. One
+search space runs on every machine. The README has the measured speed-ups.
 
-channels_last: `auto` is on for every device. On the CPU (oneDNN) channels-last convolutions train
-5-15% faster than NCHW here (bench/train_step.py --channels-last true: 1.12x for Unet-resnet18 at
-128 px); the trials before these options already got most of that, since normalize's output is
-channels-last in memory and convolutions follow their input's format. `false` is NCHW throughout.
+channels_last: `auto` is on for every device: oneDNN and cuDNN run channels-last convolutions
+faster, and normalize's output is channels-last in memory already. `false` is NCHW throughout.
 """
 from __future__ import annotations
 

@@ -127,14 +127,14 @@ def _page(title: str, sections: list[tuple[str, str]]) -> str:
             f"</style></head><body><h1>Search report: {html.escape(title)}</h1>{body}</body></html>")
 
 
-def report_after_run(experiment: Path, ensemble_summary: Path | None = None) -> tuple[Path | None, str | None]:
-    """For the CLIs, whose results are written already: (report.html, None), or (None, a warning) when
-    the report cannot be drawn, so that a figure never loses a finished search."""
+def report_after_run(experiment: Path, ensemble_summary: Path | None = None) -> str:
+    """For the CLIs, whose results are written already: the line to print, 'Report: PATH', or a
+    warning when the report cannot be drawn (a figure never loses a finished search)."""
     try:
-        return write_report(experiment, ensemble_summary), None
+        return f"Report: {write_report(experiment, ensemble_summary)}"
     except Exception as exc:  # noqa: BLE001 -- never lose a finished search to a figure
-        return None, (f"warning: the report could not be written ({exc!r}); "
-                      f"python -m search.report {experiment} tries again")
+        return (f"warning: the report could not be written ({exc!r}); "
+                f"python -m search.report {experiment} tries again")
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,9 @@ TRIAL_PARAMS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "augmentation": (one_of(POLICIES), "flip"),
     "resize": (_resize, 128),
     "crop": (_crop, None),  # train on random crop x crop patches of the resized images; predict whole ones
-    "crop_focus": (number(0, 1), 0.0),  # share of crops placed around a rare class's pixel
+    "crop_focus": (number(0, 1), 0.0),
+    "crop_scale": (number(low=1, name="crop_scale", note=" (windows up to crop x crop_scale, resized to crop)"),
+                   1.0),  # share of crops placed around a rare class's pixel
     "lr": (_positive, 1e-3),
     "weight_decay": (number(low=0, expected="a positive number or 0"), 1e-4),
     "batch_size": (number(low=1, integer=True, name="batch_size", expected="a positive integer"), 8),

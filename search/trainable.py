@@ -200,13 +200,14 @@ def _normalization(cfg: dict) -> dict:
 
 
 def _crop(cfg: dict, train_split, num_classes: int) -> Crop | None:
-    """The training crop (trial parameters crop, crop_focus), checked against the decoded size."""
+    """The training crop (trial parameters crop, crop_focus, crop_scale), checked against the decoded size."""
     if cfg["crop"] is None:
         return None
     if cfg["crop"] > cfg["resize"]:
         raise UserError(f"crop {cfg['crop']} is larger than resize {cfg['resize']}")
     focus = cfg["crop_focus"]
-    return Crop(cfg["crop"], focus, class_rarity(train_split.masks, num_classes) if focus else None)
+    return Crop(cfg["crop"], focus, class_rarity(train_split.masks, num_classes) if focus else None,
+                max_scale=cfg["crop_scale"])
 
 
 def _deadline() -> float | None:

@@ -250,3 +250,19 @@ def test_focused_crops_find_the_rare_class_and_uniform_ones_rarely_do():
     assert focused(split.images[0], no_rare, rng)[1].shape == (32, 32)  # falls back to a uniform crop
     with pytest.raises(ValueError, match="crop 128 is larger than the 96x96 image"):
         Crop(128)(split.images[0], split.masks[0], rng)
+
+
+def test_scaled_crops_zoom_out_to_windows_up_to_max_scale_times_the_crop():
+    from data_pipeline.augment import Crop
+
+    split = _pixel_coordinates()
+    rng = np.random.default_rng(0)
+    spans = []
+    for _ in range(100):
+        image, mask = Crop(32, max_scale=2.0)(split.images[0], split.masks[0], rng)
+        assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
+        ys = image[..., 0].astype(int)
+        spans.append(ys.max() - ys.min() + 1)  # the window's side, read back from the coordinates
+        assert set(np.unique(mask)) <= {1, 2}  # nearest neighbour: no label is invented
+    assert min(spans) == 32 and 56 <= max(spans) <= 64  # plain crops up to windows of 64 px
+    assert all(Crop(32)(split.images[0], split.masks[0], rng)[0].shape == (32, 32, 3) for _ in range(5))
