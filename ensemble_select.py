@@ -30,8 +30,8 @@ def parse_args(argv):
     parser.add_argument("--per-class", action="store_true",
                         help="refine the weights class by class, so a member strong on one class contributes there")
     parser.add_argument("--no-class-filter", action="store_true",
-                        help="keep every predicted pixel (default: per-class thresholds and minimum areas chosen "
-                             "on val relabel doubtful pixels as background)")
+                        help="keep every predicted pixel (default: per-class thresholds chosen on val relabel "
+                             "doubtful pixels as background, and never predict a class that only loses on val)")
     parser.add_argument("--latency-budget", type=float, default=None, metavar="MS",
                         help="most inference ms per image the ensemble may take (members timed on a val batch)")
     parser.add_argument("--pseudo-labels", type=Path, default=None, metavar="FILE",

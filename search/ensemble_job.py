@@ -196,7 +196,7 @@ class EnsembleOptions:
     tta: str = "none"
     per_class: bool = False  # refine the weights class by class (models.ensemble.per_class_selection)
     latency_budget: float | None = None  # most ms per image the members may take together
-    class_filter: bool = True  # fit per-class thresholds and minimum areas on val (models.class_filter)
+    class_filter: bool = True  # fit per-class thresholds on val (models.class_filter)
     pseudo_labels: Path | None = None  # also write the confident test predictions as COCO there
     pseudo_threshold: float = 0.9
 
@@ -351,16 +351,15 @@ def _ensemble_rejection(group: GroupEnsemble, probs: list[torch.Tensor], labels:
 
 def _fit_class_filter(group: GroupEnsemble, probs: list[torch.Tensor], truth: torch.Tensor, num_classes: int,
                       log) -> FilterFit:
-    """The per-class thresholds and minimum areas (models.class_filter) that raise the ensemble's val
-    mIoU most, fitted on its val predictions (after any rejection)."""
+    """The per-class thresholds (models.class_filter) that raise the ensemble's val mIoU most, fitted on
+    its val predictions (after any rejection)."""
     chunks = list(combine_in_chunks(group.terms(probs), group.reject))
     labels = torch.cat([labels.to(torch.uint8) for labels, _ in chunks])
     share = torch.cat([share.half() for _, share in chunks])
     fit = fit_class_filter(labels, share, truth, num_classes)
     names = group.class_names
-    rules = ", ".join(f"{name} " + ("never" if rule["threshold"] > 1 else
-                                    f"share >= {rule['threshold']:g}, >= {rule['min_area']} px")
-                      for name, rule in fit.filter.to_dict(names).items())
+    rules = ", ".join(f"{name} never" if threshold > 1 else f"{name} at share >= {threshold:g}"
+                      for name, threshold in fit.filter.to_dict(names).items())
     log(f"Class filter: {rules or 'none'}; val mIoU {fit.val_miou_before:.4f} -> {fit.val_miou:.4f}"
         + (f" (never predicted, absent from the val truth: {', '.join(names[c] for c in fit.unseen)})"
            if fit.unseen else ""))

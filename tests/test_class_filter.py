@@ -1,12 +1,12 @@
-"""Per-class false-positive control (models.class_filter): thresholds and minimum areas fitted on val,
-checked against brute force over every candidate, and applied as they were scored."""
+"""Per-class false-positive control (models.class_filter): thresholds fitted on val, checked against
+brute force over every candidate, and applied as they were scored."""
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from models.class_filter import MIN_AREAS, THRESHOLDS, ClassFilter, fit_class_filter
+from models.class_filter import NEVER, THRESHOLDS, ClassFilter, fit_class_filter
 from models.ensemble import combine, quantize
 from models.metrics import confusion_matrix, mean_iou
 
@@ -32,19 +32,17 @@ def _scene(seed=0, images=6, size=32, classes=3):
     return labels, share, truth, classes
 
 
-def test_apply_relabels_low_share_pixels_then_small_areas_as_background():
+def test_apply_relabels_the_pixels_below_their_class_threshold_as_background():
     labels, share, _, classes = _scene()
     rule = ClassFilter.identity(classes)
-    assert rule.is_identity() and torch.equal(rule.apply(labels, share), labels)
+    assert torch.equal(rule.apply(labels, share), labels)
     rule.thresholds[2] = 0.5
     filtered = rule.apply(labels, share)
     assert not (filtered == 2).any() and torch.equal(filtered[labels != 2], labels[labels != 2])
-    rule = ClassFilter.identity(classes)
-    rule.min_areas[1] = 135  # class 1 has 100 + 30 + 4 pixels per image
-    assert not (rule.apply(labels, share) == 1).any()
-    rule.min_areas[1] = 134
-    assert torch.equal(rule.apply(labels, share), labels)
-    rule.thresholds[1] = 0.7  # the middling pixels go first, then the rest (104) is below the area
+    rule.thresholds[1] = 0.7  # the middling pixels of class 1 go, the confident ones stay
+    filtered = rule.apply(labels, share)
+    assert torch.equal(filtered == 1, (labels == 1) & (share >= 0.7))
+    rule.thresholds[1] = NEVER
     assert not (rule.apply(labels, share) == 1).any()
     assert ClassFilter.from_dict(rule.to_dict(["bg", "a", "b"]), ["bg", "a", "b"]) == rule
 
@@ -58,11 +56,10 @@ def test_the_fit_is_the_best_per_class_rule_and_its_confusion_is_what_apply_give
     assert fit.val_miou_before == pytest.approx(mean_iou(confusion_matrix(truth, labels, classes)))
     assert fit.val_miou > fit.val_miou_before
     assert not (applied == 2).any() and fit.unseen == [2]  # predicted on val, never in its truth
-    # brute force over every combination of per-class rules
+    # brute force over every combination of per-class thresholds
     best = -1.0
-    rules = list(itertools.product(THRESHOLDS, MIN_AREAS))
-    for r1, r2 in itertools.product(rules, repeat=2):
-        candidate = ClassFilter([0.0, r1[0], r2[0]], [0, r1[1], r2[1]])
+    for t1, t2 in itertools.product(THRESHOLDS, repeat=2):
+        candidate = ClassFilter([0.0, t1, t2])
         best = max(best, mean_iou(confusion_matrix(truth, candidate.apply(labels, share), classes)))
     assert fit.val_miou == pytest.approx(best)
 
