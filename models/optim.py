@@ -122,12 +122,15 @@ class LrCurve:
     has reached to its end over the fewer steps left (the trial cannot train the whole schedule: a
     time budget ends first). Without this, a trial cut off mid-schedule keeps weights trained at a
     high lr; annealed ones are better at any length ("Budgeted training", Li et al., ICLR 2020).
+    A shortened curve can be planned again, to a later end up to the full schedule's (epochs turned
+    out faster than first measured): it decays from where it is then, so the lr never jumps.
 
     frozen_steps: 0 for the steps before it (a frozen encoder), then the curve as it is there.
     """
 
     def __init__(self, schedule: str, warmup_steps: int, total_steps: int, frozen_steps: int = 0):
         self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
+        self.full_steps = total_steps  # the schedule's own length, which end_early never passes
         self.frozen_steps = frozen_steps
         self.cut_step, self.cut_factor = None, 1.0  # where end_early took over, and the multiplier there
 
@@ -141,7 +144,8 @@ class LrCurve:
         return self.cut_factor * _decay(self.schedule, progress)
 
     def end_early(self, step: int, total_steps: int) -> None:
-        if total_steps >= self.total_steps:
+        total_steps = min(total_steps, self.full_steps)
+        if total_steps == self.total_steps or (self.cut_step is None and total_steps > self.total_steps):
             return
         self.cut_factor, self.cut_step = self(step), step
         self.total_steps = max(total_steps, step + 1)
@@ -163,7 +167,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, steps_per_epoch
 
 
 def end_schedule_early(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
-    """Every group's curve ends at total_steps from the current step on (LrCurve.end_early)."""
+    """Every group's curve ends at total_steps (at most its full length) from the current step on
+    (LrCurve.end_early)."""
     step = scheduler.last_epoch  # LambdaLR counts optimiser steps in last_epoch
     for curve in scheduler.lr_lambdas:
         curve.end_early(step, total_steps)

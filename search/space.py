@@ -89,9 +89,11 @@ class ExperimentSettings:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 1.0  # used only when GPUs are given to the search
     max_failures: int = 1  # retries of a trial that raises before it is recorded as errored
+    checkpoint: str = "best"  # the checkpoint each trial keeps: best (by metric) or last (its final weights)
 
 
 SCHEDULERS = ("asha", "fifo")
+CHECKPOINTS = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ def _parse(raw, source: str) -> SearchSpec:
         params.append(_parse_param(name, spec, {p.name for p in params}))
     _check_folds(params, data)
     _check_models(params)
+    _check_crop(params)
     _check_unknown_treatment(params, data.classes())
     return SearchSpec(source, experiment, data, tuple(params))
 
@@ -184,6 +187,8 @@ def _check_experiment(e: ExperimentSettings) -> None:
             raise UserError(f"experiment.{key} must be positive, got {getattr(e, key)!r}")
     if e.grace_period > e.max_epochs:
         raise UserError(f"experiment.grace_period ({e.grace_period}) exceeds max_epochs ({e.max_epochs})")
+    if e.checkpoint not in CHECKPOINTS:
+        raise UserError(f"experiment.checkpoint must be one of {', '.join(CHECKPOINTS)}, got {e.checkpoint!r}")
     if e.scheduler not in SCHEDULERS:
         raise UserError(f"experiment.scheduler must be one of {', '.join(SCHEDULERS)}, got {e.scheduler!r}")
     if e.reduction_factor < 2:
@@ -208,6 +213,14 @@ def _check_folds(params: list[Param], d: DataSpec) -> None:
     if max(fold.values) >= d.folds:
         raise UserError(f"space.fold: folds are numbered 0..{d.folds - 1} (data.folds: {d.folds}), "
                         f"got {max(fold.values)}")
+
+
+def _check_crop(params: list[Param]) -> None:
+    """A training crop must fit in every resize the space can propose."""
+    crops = [c for c in possible_values(params, "crop") if c is not None]
+    if crops and max(crops) > min(possible_values(params, "resize")):
+        raise UserError(f"space.crop: crop {max(crops)} is larger than resize {min(possible_values(params, 'resize'))}; "
+                        "crops are cut from the resized images")
 
 
 def _check_unknown_treatment(params: list[Param], class_map: ClassMap | None) -> None:

@@ -225,8 +225,9 @@ def _unknown_label(treatment: str, class_names, data: DataSpec) -> int | None:
 
 
 def run_epochs(trial: Trial, report: Report) -> None:
-    """Trains the remaining epochs; after each, report(metrics, checkpoint directory when the ranking
-    metric improved, else None). The directory exists only during the call."""
+    """Trains the remaining epochs; after each, report(metrics, checkpoint directory or None): a
+    checkpoint when the ranking metric improved, or after every epoch when the experiment keeps the
+    last one (config `checkpoint: last`). The directory exists only during the call."""
     while trial.epoch < trial.last_epoch:
         epoch = trial.epoch + 1
         started = time.perf_counter()
@@ -247,7 +248,7 @@ def run_epochs(trial: Trial, report: Report) -> None:
         if improved:
             trial.best = val[trial.metric]
         metrics.update({f"best_{trial.metric}": trial.best, "best_val_miou": trial.best_val_miou})
-        if improved:
+        if improved or trial.cfg.get("checkpoint") == "last":
             with tempfile.TemporaryDirectory() as directory:
                 save_trial_checkpoint(trial, scored, val, directory, curve)
                 report(metrics, directory)
@@ -258,14 +259,17 @@ def run_epochs(trial: Trial, report: Report) -> None:
 
 
 def plan_to_deadline(trial: Trial, now: float | None = None) -> None:
-    """Ends the trial's schedule early when its remaining epochs do not fit before its deadline: the
-    epochs that do (at 1.1x its mean epoch time so far) become its last, and its lr decays to them."""
+    """Plans the trial's last epoch to its deadline after every epoch: the epochs that fit (at 1.1x its
+    recent pace: the mean of its last three epochs, the first one, which builds the trial, left out
+    once there are others), at most max_epochs, and its lr decays to them. A plan made when epochs
+    were slow is extended when they get faster."""
     if trial.deadline is None or not trial.epoch_times:
         return
-    pace = DEADLINE_MARGIN * sum(trial.epoch_times) / len(trial.epoch_times)
+    recent = (trial.epoch_times[1:] or trial.epoch_times)[-3:]
+    pace = DEADLINE_MARGIN * sum(recent) / len(recent)
     fits = max(0, math.floor((trial.deadline - (time.time() if now is None else now)) / pace))
-    last = min(trial.last_epoch, trial.epoch + fits)
-    if last < trial.last_epoch:
+    last = min(trial.cfg["max_epochs"], trial.epoch + fits)
+    if last != trial.last_epoch:
         end_schedule_early(trial.scheduler, trial.scheduler.last_epoch + (last - trial.epoch) * len(trial.train_loader))
         trial.last_epoch = last
         log.info("the search's time budget leaves this trial %d more epoch(s): it ends at epoch %d", fits, last)
@@ -299,7 +303,8 @@ def save_trial_checkpoint(trial: Trial, scored: nn.Module, val: dict, directory:
     """model.pt: the weights that scored val (the averaged ones in SWA epochs, without AveragedModel's
     `module.` prefix), model.json, and train_state.pt: what a restore needs to go on training. An
     open-set model's model.json holds its rejection threshold and open-set curve on val."""
-    meta = {**trial.meta, "epoch": trial.epoch, "metrics": val, "best_val_miou": trial.best_val_miou}
+    meta = {**trial.meta, "epoch": trial.epoch, "metrics": val, "best_val_miou": trial.best_val_miou,
+            "best": trial.best}
     if "open_set" in meta:
         meta["open_set"] = {**meta["open_set"], "threshold": val["val_reject_threshold"], "curve": curve or []}
     state = {"optimizer": trial.optimizer.state_dict(), "scheduler": trial.scheduler.state_dict(),
@@ -325,7 +330,7 @@ def restore(trial: Trial, directory: str | Path) -> None:
         trial.scaler.load_state_dict(state["scaler"])
     if "swa" in state and trial.swa is not None:
         trial.swa.load_state_dict(state["swa"])
-    trial.epoch, trial.best = meta["epoch"], meta["metrics"][trial.metric]
+    trial.epoch, trial.best = meta["epoch"], meta.get("best", meta["metrics"][trial.metric])
     steps = schedule_steps(trial.scheduler)  # fewer than max_epochs' if a deadline shortened it
     trial.last_epoch = min(trial.cfg["max_epochs"], math.ceil(steps / max(1, len(trial.train_loader))))
     trial.best_val_miou = meta.get("best_val_miou", meta["metrics"]["val_miou"])

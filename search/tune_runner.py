@@ -100,7 +100,8 @@ def trial_constants(spec: SearchSpec, data_root: Path, skip=()) -> dict:
     out), how long to train."""
     data = replace(spec.data, root=str(data_root), skip=tuple(sorted(skip))).constants()
     e = spec.experiment
-    return {**data, "max_epochs": e.max_epochs, "seed": e.seed, "metric": e.metric, "mode": e.mode}
+    return {**data, "max_epochs": e.max_epochs, "seed": e.seed, "metric": e.metric, "mode": e.mode,
+            "checkpoint": e.checkpoint}
 
 
 def concurrency(e, cpus: float, gpus: float) -> int:
@@ -156,13 +157,19 @@ def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, g
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), verbose=1,
             failure_config=tune.FailureConfig(max_failures=e.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=e.metric,
-                                                    checkpoint_score_order=e.mode),
+            checkpoint_config=_checkpoint_config(e),
             callbacks=wandb_callbacks(storage / name, wandb),
         ),
     )
     tuner.fit()
     return storage / name
+
+
+def _checkpoint_config(e) -> tune.CheckpointConfig:
+    """One checkpoint per trial: the best by the ranking metric, or the latest (checkpoint: last)."""
+    if e.checkpoint == "last":
+        return tune.CheckpointConfig(num_to_keep=1)
+    return tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=e.metric, checkpoint_score_order=e.mode)
 
 
 def resume_search(experiment: Path, resources: dict) -> Path:

@@ -3,6 +3,8 @@ import csv
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 from data_pipeline.coco import CocoSegmentation
 from data_pipeline.submission import read_submission
 
-from .conftest import run_cli
+from .conftest import ROOT, run_cli
 
 TINY_PARAMS = ("decoder", "backbone", "loss", "focal_gamma", "augmentation", "lr")
 TINY_SPACE = """
@@ -183,6 +185,39 @@ def test_launch_rejects_bad_arguments_in_one_line(args, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_class_filter_is_fitted_on_val_and_applied_to_the_test_predictions(experiment):
+    path, _ = experiment
+    runs = {}
+    for name, flags in (("filtered", ()), ("plain", ("--no-class-filter",))):
+        out = path.parent / name / "submission.csv"
+        result = run_cli("ensemble_select.py", "--experiment", path, "--topk", "3", "--out", out, *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (json.loads(out.with_name("ensemble.json").read_text()), read_submission(out))
+    (filtered, rows), (plain, plain_rows) = runs["filtered"], runs["plain"]
+    assert plain["class_filter"] is None and "Class filter:" not in result.stdout
+    rule = filtered["class_filter"]
+    assert rule["val_miou_before"] == pytest.approx(plain["val_miou"])
+    assert filtered["val_miou"] == pytest.approx(rule["val_miou_before"] + rule["val_gain"]) and rule["val_gain"] >= 0
+    names = list(filtered["per_class_iou"])
+    never = [names.index(n) for n, t in rule["rules"].items() if t > 1]
+    for (name, labels), (plain_name, plain_labels) in zip(rows, plain_rows):
+        assert name == plain_name
+        changed = labels != plain_labels
+        assert (labels[changed] == 0).all()  # the filter only turns pixels into background
+        assert not np.isin(labels, never).any()
+
+
+def test_a_checkout_that_is_not_the_installed_one_is_refused(tmp_path):
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    shutil.copy(ROOT / "launch.py", copy / "launch.py")
+    result = subprocess.run([sys.executable, str(copy / "launch.py"), "--dry-run"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: this Python imports the project from {ROOT}, not from {copy}; run ")
+    assert "-m pip install -e" in result.stderr
 
 
 def test_ensemble_without_experiments_is_a_one_line_error(tmp_path):

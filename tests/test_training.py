@@ -15,6 +15,7 @@ from models.factory import build_model
 from models.weights import DEFAULT_NORMALIZATION
 from models.inference import normalize
 from models.losses import build_loss
+from models.optim import schedule_steps
 from models.training import evaluate, place_model, train_epoch
 from search.trainable import build_trial, plan_to_deadline, restore, run_epochs, save_trial_checkpoint
 
@@ -190,6 +191,25 @@ def test_a_trial_ranked_by_val_loss_checkpoints_when_the_loss_falls(sample_root)
     assert all(m["best_val_miou"] == max(r["val_miou"] for r, _ in reports[:i + 1]) for i, (m, _) in enumerate(reports))
 
 
+def test_a_trial_that_keeps_its_last_checkpoint_saves_every_epoch_and_restores_its_best(sample_root, tmp_path):
+    import shutil
+
+    config = {"data_root": str(sample_root), "train_ann": "val.json", "val_ann": "val.json", "resize": 64,
+              "batch_size": 4, "max_epochs": 3, "augmentation": "none", "lr": 3e-3, "checkpoint": "last"}
+    trial = build_trial(config)
+    reports = []
+
+    def report(metrics, directory):
+        reports.append(metrics)
+        assert directory is not None  # every epoch, improved or not
+        shutil.copytree(directory, tmp_path / "last", dirs_exist_ok=True)
+
+    run_epochs(trial, report)
+    again = build_trial(config)
+    restore(again, tmp_path / "last")
+    assert again.epoch == 3 and again.best == max(m["val_miou"] for m in reports)
+
+
 class _Stop(Exception):
     pass
 
@@ -217,3 +237,25 @@ def test_a_trial_whose_epochs_do_not_fit_before_its_deadline_ends_early_with_its
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     plan_to_deadline(trial)  # no deadline: nothing planned
     assert trial.last_epoch == 5
+
+
+def test_a_plan_made_on_slow_epochs_is_extended_when_they_get_faster_without_an_lr_jump(sample_root):
+    config = {**DataSpec(root=str(sample_root)).to_config(), **SWA_CONFIG, "max_epochs": 20, "swa_epochs": 0,
+              "schedule": "cosine", "warmup_epochs": 0, "lr": 1e-3}
+    trial = build_trial(config)
+    steps = len(trial.train_loader)
+    trial.epoch, trial.deadline = 2, 1000.0
+    for _ in range(2 * steps):
+        trial.optimizer.step()
+        trial.scheduler.step()
+    trial.epoch_times = [40.0, 20.0]  # the first epoch also built the trial
+    plan_to_deadline(trial, now=1000.0 - 100.0)  # 100 s left at 1.1 x 20 s: 4 more epochs
+    assert trial.last_epoch == 6
+    before = _lr(trial)
+    trial.epoch_times += [5.0, 5.0]  # faster now: the mean of the last three is 10 s
+    plan_to_deadline(trial, now=1000.0 - 100.0)  # 9 more epochs fit
+    assert trial.last_epoch == 11 and _lr(trial) == pytest.approx(before)
+    assert schedule_steps(trial.scheduler) == trial.scheduler.last_epoch + 9 * steps
+    trial.epoch_times += [1.0, 1.0, 1.0]
+    plan_to_deadline(trial, now=1000.0 - 100.0)
+    assert trial.last_epoch == 20  # never past max_epochs
