@@ -8,8 +8,10 @@ normalised probability) is below `thresholds[c]`; a threshold above 1 means the 
 predicted. `fit_class_filter` chooses the thresholds by coordinate ascent on val mIoU, scoring every
 candidate from one histogram per class (no pass over the pixels per candidate).
 
-A class absent from the val truth but predicted on val only loses there, so the val optimum never
-predicts it; `fit_class_filter` reports those classes (`unseen`), as their test behaviour is a guess.
+A class absent from the val truth but predicted on val only loses there, so it is never predicted
+(of the thresholds that score the same on val, it takes the highest, NEVER; any other class takes
+the lowest, keeping the most pixels); `fit_class_filter` reports those classes (`unseen`), as their
+test behaviour is a guess.
 """
 from __future__ import annotations
 
@@ -67,25 +69,26 @@ class FilterFit:
 def fit_class_filter(labels: torch.Tensor, share: torch.Tensor, truth: torch.Tensor, num_classes: int,
                      passes: int = 2) -> FilterFit:
     """The ClassFilter with the best val mIoU found by coordinate ascent over the classes (each class
-    in turn takes its best threshold of THRESHOLDS, the others fixed; ties keep the lower one).
+    in turn takes its best threshold of THRESHOLDS, the others fixed; of equal scores, the lowest
+    threshold, or the highest for a class predicted on val but absent from its truth).
 
     labels, share, truth: [N, H, W] val predictions, their top-class shares and the true labels."""
     conf = confusion_matrix(truth.long(), labels.long(), num_classes)
     before = mean_iou(conf)
     hists = {c: _share_histogram(c, labels, share, truth, num_classes) for c in range(1, num_classes)}
+    unseen = [c for c in hists if conf[c].sum() == 0 and conf[:, c].sum() > 0]
     chosen = {c: 0.0 for c in hists}
     base = conf.clone()
     for _ in range(passes):
         for c, hist in hists.items():
             without = _moved(base, c, _dropped(hist, chosen[c]), sign=-1)  # this class unfiltered
-            scored = [(mean_iou(_moved(without, c, _dropped(hist, t))), -i, t) for i, t in enumerate(THRESHOLDS)]
+            tie = 1 if c in unseen else -1
+            scored = [(mean_iou(_moved(without, c, _dropped(hist, t))), tie * t, t) for t in THRESHOLDS]
             chosen[c] = max(scored)[2]
             base = _moved(without, c, _dropped(hist, chosen[c]))
     result = ClassFilter.identity(num_classes)
     for c, t in chosen.items():
         result.thresholds[c] = t
-    truth_counts, predicted_counts = conf.sum(1), conf.sum(0)
-    unseen = [c for c in hists if truth_counts[c] == 0 and predicted_counts[c] > 0]
     return FilterFit(result, before, mean_iou(base), base, unseen)
 
 

@@ -56,6 +56,7 @@ def test_the_fit_is_the_best_per_class_rule_and_its_confusion_is_what_apply_give
     assert fit.val_miou_before == pytest.approx(mean_iou(confusion_matrix(truth, labels, classes)))
     assert fit.val_miou > fit.val_miou_before
     assert not (applied == 2).any() and fit.unseen == [2]  # predicted on val, never in its truth
+    assert fit.filter.thresholds[2] == NEVER  # of the thresholds that drop all of it, the highest
     # brute force over every combination of per-class thresholds
     best = -1.0
     for t1, t2 in itertools.product(THRESHOLDS, repeat=2):
