@@ -103,6 +103,16 @@ class Param:
     values: tuple  # fixed: (value,); choice: options; uniform/loguniform/int: (low, high)
     when: tuple[tuple[str, tuple], ...] = ()  # (other param, allowed values) pairs, all must hold
 
+    def admits(self, value) -> bool:
+        """Whether value is one this parameter can take (a choice, or within its range)."""
+        if self.kind == "choice":
+            return value in self.values and not (isinstance(value, bool) and True not in self.values)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        return self.values[0] <= value <= self.values[1]
+
     def active(self, chosen: dict) -> bool:
         return all(_parts(name, chosen.get(name)) & set(allowed) for name, allowed in self.when)
 
@@ -121,6 +131,7 @@ class SearchSpec:
     experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
     data: DataSpec = field(default_factory=lambda: DataSpec(root=""))  # its root and skipped images: at launch
     params: tuple[Param, ...] = ()
+    first_trials: tuple[dict, ...] = ()  # values of searched parameters the first trials take, in order
 
     @property
     def class_map(self) -> ClassMap | None:
@@ -162,7 +173,7 @@ def load_space(path: str | Path) -> SearchSpec:
 def _parse(raw, source: str) -> SearchSpec:
     if not isinstance(raw, dict):
         raise UserError("the file must be a mapping with 'experiment', 'data' and 'space' sections")
-    reject_unknown_keys(raw, ("data", "experiment", "space"))
+    reject_unknown_keys(raw, ("data", "experiment", "first_trials", "space"))
     experiment = ExperimentSettings(**typed_values(raw.get("experiment") or {}, ExperimentSettings(), "experiment"))
     data = DataSpec.from_section(raw.get("data"), Path(source).parent)
     _check_experiment(experiment)
@@ -178,7 +189,8 @@ def _parse(raw, source: str) -> SearchSpec:
     _check_models(params)
     _check_crop(params)
     _check_unknown_treatment(params, data.classes())
-    return SearchSpec(source, experiment, data, tuple(params))
+    first = _parse_first_trials(raw.get("first_trials"), params)
+    return SearchSpec(source, experiment, data, tuple(params), first)
 
 
 def _check_experiment(e: ExperimentSettings) -> None:
@@ -294,6 +306,27 @@ def _parse_param(name: str, spec, earlier: set[str]) -> Param:
     for v in values:
         _checked(check, v, f"{key}.{kind}")
     return Param(name, kind, (values[0], values[1]) if kind == "int" else (float(values[0]), float(values[1])), when)
+
+
+def _parse_first_trials(raw, params: list[Param]) -> tuple[dict, ...]:
+    """first_trials: a list of {searched parameter: value} the first trials take (Optuna evaluates
+    them before it proposes; parameters left out are proposed as usual)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(t, dict) and t for t in raw):
+        raise UserError(f"first_trials: expected a list of mappings such as {{lr: 0.001}}, got {raw!r}")
+    searched = {p.name: p for p in params if p.kind != "fixed"}
+    fixed = {p.name: p.values[0] for p in params if p.kind == "fixed"}
+    for i, trial in enumerate(raw):
+        reject_unknown_keys(trial, sorted(searched), f"first_trials[{i}].")
+        for name, value in trial.items():
+            if not searched[name].admits(value):
+                raise UserError(f"first_trials[{i}].{name}: {value!r} is not among the space's values "
+                                f"({searched[name].kind} {list(searched[name].values)})")
+            if not searched[name].active({**fixed, **trial}):
+                raise UserError(f"first_trials[{i}].{name}: not searched in this trial (its when: "
+                                f"{dict(searched[name].when)} does not hold)")
+    return tuple(dict(t) for t in raw)
 
 
 def _checked(check, value, key: str) -> None:

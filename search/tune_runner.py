@@ -145,7 +145,8 @@ def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, g
     resources = ray.cluster_resources()
     max_concurrent = concurrency(e, resources.get("CPU", 1), resources.get("GPU", 0) if gpus > 0 else 0)
     searcher = OptunaSearch(space=SpaceSampler(spec.params, trial_constants(spec, data_root, skip)),
-                            metric=e.metric, mode=e.mode, seed=e.seed)
+                            metric=e.metric, mode=e.mode, seed=e.seed,
+                            points_to_evaluate=list(spec.first_trials) or None)
     tuner = tune.Tuner(
         tune.with_resources(train_segmentation, trial_resources(e, gpus)),
         tune_config=tune.TuneConfig(

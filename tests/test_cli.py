@@ -28,6 +28,8 @@ space:
   resize: 64
   lr: {loguniform: [1.0e-3, 1.0e-2]}
   batch_size: 8
+first_trials:
+  - {decoder: FPN, backbone: mobilenet_v2, loss: ce, augmentation: none, lr: 0.005}
 """
 
 
@@ -69,6 +71,15 @@ def test_search_writes_a_leaderboard_with_early_stopped_trials(experiment):
     assert abs(float(best.group(2)) - float(rows[0]["best_val_miou"])) < 1e-3
     assert f"    decoder: {rows[0]['decoder']}\n" in best.group(3) and "data_root" not in best.group(3)
     assert (Path(best.group(4)) / "model.pt").is_file()
+
+
+def test_the_first_trial_is_the_one_the_space_names(experiment):
+    from search.experiment import read_trials
+
+    path, _ = experiment
+    wanted = {"decoder": "FPN", "backbone": "mobilenet_v2", "loss": "ce", "augmentation": "none", "lr": 0.005}
+    matching = [t for t in read_trials(path) if all(t.config.get(k) == v for k, v in wanted.items())]
+    assert len(matching) == 1 and "focal_gamma" not in matching[0].config
 
 
 def test_best_checkpoint_is_a_plain_state_dict_with_a_rebuild_description(experiment):

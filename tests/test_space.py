@@ -173,3 +173,37 @@ def test_decoder_backbone_pairs_and_weight_names_are_checked_before_any_trial(tm
                                     "  backbone: {choice: [resnet18, inceptionresnetv2]}\n"))
     with pytest.raises(UserError, match=r"space: backbone resnet18 has no encoder_weights 'imagenet21k'"):
         load_space(_write(tmp_path, "space:\n  backbone: resnet18\n  encoder_weights: imagenet21k\n"))
+
+
+def test_first_trials_are_what_optuna_evaluates_before_it_proposes(tmp_path):
+    import optuna
+
+    from search.space import SpaceSampler
+
+    body = ("space:\n  decoder: {choice: [Unet, FPN]}\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+            "  focal_gamma: {uniform: [0.5, 3.0], when: {decoder: FPN}}\n"
+            "first_trials:\n  - {decoder: FPN, lr: 0.001, focal_gamma: 1.0}\n  - {decoder: Unet}\n")
+    spec = load_space(_write(tmp_path, body))
+    assert spec.first_trials == ({"decoder": "FPN", "lr": 0.001, "focal_gamma": 1.0}, {"decoder": "Unet"})
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for point in spec.first_trials:
+        study.enqueue_trial(point)
+    sampler = SpaceSampler(spec.params, {})
+    first, second = study.ask(), study.ask()
+    sampler(first), sampler(second)
+    assert first.params == {"decoder": "FPN", "lr": 0.001, "focal_gamma": 1.0}
+    assert second.params["decoder"] == "Unet" and "focal_gamma" not in second.params
+
+
+@pytest.mark.parametrize("first, message", [
+    ("[{lr: 0.5}]", r"first_trials\[0\].lr: 0.5 is not among the space's values \(loguniform"),
+    ("[{decoder: PSPNet}]", r"first_trials\[0\].decoder: 'PSPNet' is not among the space's values"),
+    ("[{batch_size: 8}]", r"unknown key first_trials\[0\].batch_size"),
+    ("[{decoder: Unet, focal_gamma: 1.0}]", r"first_trials\[0\].focal_gamma: not searched in this trial"),
+    ("{decoder: Unet}", r"first_trials: expected a list of mappings"),
+])
+def test_bad_first_trials_name_the_trial_and_key(tmp_path, first, message):
+    body = ("space:\n  decoder: {choice: [Unet, FPN]}\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n  batch_size: 8\n"
+            f"  focal_gamma: {{uniform: [0.5, 3.0], when: {{decoder: FPN}}}}\nfirst_trials: {first}\n")
+    with pytest.raises(UserError, match=message):
+        load_space(_write(tmp_path, body))
