@@ -20,6 +20,8 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from checks import did_you_mean
@@ -230,7 +232,7 @@ def _build(decoder: str, backbone: str, num_classes: int, encoder_weights: str |
     path = weights_file(source)
     try:
         return _pretrained_model(decoder, source, path, num_classes)
-    except (*_BUILD_ERRORS, OSError) as exc:
+    except (*_BUILD_ERRORS, OSError, SafetensorError) as exc:  # a file that is not what its name says
         raise UserError(f"cannot load {path} as encoder_weights {source.weights!r} of backbone {backbone}: "
                         f"{short_reason(exc)}") from exc
 
@@ -239,8 +241,6 @@ def _pretrained_model(decoder: str, source: WeightsSource, path: Path, num_class
     if source.timm_name:  # timm loads (and adapts) its own checkpoint; point it at the local file
         return _create(decoder, TIMM_PREFIX + source.timm_name, num_classes, encoder_weights=True,
                        pretrained_cfg_overlay={"file": str(path), "source": None})
-    from safetensors.torch import load_file
-
     model = _create(decoder, source.backbone, num_classes)
     model.encoder.load_state_dict(load_file(path, device="cpu"))  # as smp's get_encoder does
     return model

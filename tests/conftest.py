@@ -36,6 +36,7 @@ def run_cli(script: str, *args, timeout: float = 600, env: dict | None = None) -
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+SMP_RESNET18_REVISION = "3f2325ff978283d47aa6a1d6878ca20565622683"  # pinned in smp 0.6.0's resnet encoders
 SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "hf-hub"  # ImageNet EfficientNet-Lite0..2, read-only
 
 
@@ -52,6 +53,35 @@ def use_hub_cache(monkeypatch, cache: Path, offline: bool = True) -> None:
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+
+
+def put_in_hf_cache(hub_cache: Path, repo_id: str, filename: str, content, revision: str | None = None) -> None:
+    """Writes a file where huggingface_hub keeps a downloaded one (models--org--name/snapshots/<commit>/):
+    content is a dict of tensors (saved as safetensors) or raw bytes."""
+    from safetensors.torch import save_file
+
+    commit = revision or "0123456789abcdef0123456789abcdef01234567"
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    path = repo / "snapshots" / commit / filename
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        save_file(content, str(path))
+    if revision is None:  # the branch `main` points at the commit
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+
+def cache_unreadable_weights(hf_home: Path, *backbones: str) -> dict:
+    """A Hugging Face home whose cache holds truncated ImageNet files of the smp backbones: launch finds
+    them, every trial fails loading them. Returns the environment that points the CLIs there, offline."""
+    from models.weights import weights_source
+
+    for backbone in backbones:
+        source = weights_source(backbone, "imagenet")
+        put_in_hf_cache(hf_home / "hub", source.repo_id, source.filenames[0], b"truncated download", source.revision)
+    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture

@@ -14,11 +14,13 @@ import torch
 from data_pipeline.coco import CocoSegmentation
 from data_pipeline.submission import read_submission
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, cache_unreadable_weights, run_cli
 
 TINY_PARAMS = ("decoder", "backbone", "loss", "focal_gamma", "augmentation", "lr")
 TINY_SPACE = """
 experiment: {num_samples: 6, max_epochs: 3, grace_period: 1, reduction_factor: 2, seed: 0, cpus_per_trial: 1}
+first_trials:
+  - {decoder: FPN, backbone: mobilenet_v2, loss: ce, augmentation: none, lr: 0.005}
 space:
   decoder: {choice: [Unet, FPN]}
   backbone: {choice: [resnet18, mobilenet_v2]}
@@ -28,8 +30,6 @@ space:
   resize: 64
   lr: {loguniform: [1.0e-3, 1.0e-2]}
   batch_size: 8
-first_trials:
-  - {decoder: FPN, backbone: mobilenet_v2, loss: ce, augmentation: none, lr: 0.005}
 """
 
 
@@ -272,11 +272,10 @@ def test_a_bad_test_image_stops_launch_even_with_skip_bad(sample_root, tmp_path)
 def test_when_every_trial_fails_launch_and_ensemble_say_so(sample_root, tmp_path):
     (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("num_samples: 6", "num_samples: 2")
                                          + "  encoder_weights: imagenet\n")
-    empty_caches = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
     result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root,
-                     "--storage", tmp_path / "runs", "--name", "broken", env=empty_caches)
+                     "--storage", tmp_path / "runs", "--name", "broken", env=cache_unreadable_weights(tmp_path / "hf", "resnet18", "mobilenet_v2"))
     assert result.returncode == 1 and "no trial reported a val mIoU" in result.stderr
-    assert "2 trial(s) errored" in result.stderr and "with encoder_weights 'imagenet' needs smp-hub/" in result.stderr
+    assert "2 trial(s) errored" in result.stderr and "as encoder_weights 'imagenet' of backbone " in result.stderr
     assert {r["status"] for r in _leaderboard(tmp_path / "runs" / "broken")} == {"errored"}
     result = run_cli("ensemble_select.py", "--experiment", tmp_path / "runs" / "broken")
     assert result.returncode == 2 and "no trial with a checkpoint" in result.stderr

@@ -10,13 +10,12 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
-from safetensors.torch import save_file
 
 from errors import UserError
 from models.factory import (BACKBONES, DECODERS, build_model, check_backbone, check_decoder, check_pair,
                             check_weights)
 
-from .conftest import use_hub_cache
+from .conftest import SMP_RESNET18_REVISION, put_in_hf_cache, use_hub_cache
 
 # Two small smp encoders for every decoder, except DPT, which takes only ViT-style timm encoders: timm's
 # tiny test ViTs (0.4M parameters) stand in there.
@@ -24,7 +23,6 @@ BACKBONES_FOR = {"DPT": ("tu-test_vit", "tu-test_vit2")}
 SMALL_BACKBONES = ("resnet18", "mobilenet_v2")
 # PAN's feature pyramid attention pools the stride-16 features three more times: 64 px is too small.
 INPUT_SIZE_FOR = {"PAN": 128}
-SMP_RESNET18_REVISION = "3f2325ff978283d47aa6a1d6878ca20565622683"  # pinned in smp 0.6.0's resnet encoders
 
 
 def test_the_registry_is_every_smp_architecture_under_its_smp_name():
@@ -129,17 +127,6 @@ def empty_caches(tmp_path, monkeypatch):
     return tmp_path / "hf" / "hub"
 
 
-def put_in_hf_cache(hub_cache, repo_id, filename, tensors, revision=None):
-    """Writes a file where huggingface_hub keeps a downloaded one (models--org--name/snapshots/<commit>/)."""
-    commit = revision or "0123456789abcdef0123456789abcdef01234567"
-    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    save_file(tensors, str(repo / "snapshots" / commit / filename))
-    if revision is None:  # the branch `main` points at the commit
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-
-
 def test_missing_pretrained_weights_are_a_clear_error_not_random_init(empty_caches):
     with pytest.raises(UserError) as info:
         build_model("Unet", "resnet18", 3, encoder_weights="imagenet")
@@ -199,6 +186,13 @@ def test_a_cached_file_that_does_not_fit_is_an_error_not_random_init(empty_cache
     put_in_hf_cache(empty_caches, "smp-hub/resnet18.imagenet", "model.safetensors", wrong, SMP_RESNET18_REVISION)
     with pytest.raises(UserError, match="cannot load .*model.safetensors as encoder_weights 'imagenet' of backbone "
                                         "resnet18: Error\\(s\\) in loading state_dict"):
+        build_model("Unet", "resnet18", 3, encoder_weights="imagenet")
+
+
+def test_a_truncated_cached_file_is_an_error_naming_it(empty_caches):
+    put_in_hf_cache(empty_caches, "smp-hub/resnet18.imagenet", "model.safetensors", b"truncated", SMP_RESNET18_REVISION)
+    with pytest.raises(UserError, match="cannot load .*model.safetensors as encoder_weights 'imagenet' of backbone "
+                                        "resnet18: .*header"):
         build_model("Unet", "resnet18", 3, encoder_weights="imagenet")
 
 

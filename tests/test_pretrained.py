@@ -7,7 +7,6 @@ import shutil
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 
 from errors import UserError
 from models.checkpoint import load_checkpoint
@@ -16,22 +15,13 @@ from models.optim import build_optimizer, build_scheduler, end_schedule_early, p
 from models.weights import DEFAULT_NORMALIZATION
 from search.trainable import build_trial, restore, run_epochs
 
-from .conftest import run_cli, use_hub_cache
-
-SMP_RESNET18_REVISION = "3f2325ff978283d47aa6a1d6878ca20565622683"  # pinned in smp 0.6.0's resnet encoders
-
+from .conftest import SMP_RESNET18_REVISION, put_in_hf_cache, run_cli, use_hub_cache
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """An empty offline Hugging Face hub cache."""
     use_hub_cache(monkeypatch, tmp_path / "hub")
     return tmp_path / "hub"
-
-
-def _put(hub, repo_id, filename, revision, writer):
-    folder = hub / ("models--" + repo_id.replace("/", "--")) / "snapshots" / revision
-    folder.mkdir(parents=True, exist_ok=True)
-    writer(folder / filename)
 
 
 def test_normalisation_comes_from_the_encoders_pretrained_config(hub):
@@ -42,8 +32,7 @@ def test_normalisation_comes_from_the_encoders_pretrained_config(hub):
     # smp-hub repos keep it in their config.json, beside the weights (smp's get_preprocessing_params)
     assert input_normalization("resnet18", "imagenet") == DEFAULT_NORMALIZATION  # no config.json cached
     config = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
-    _put(hub, "smp-hub/resnet18.imagenet", "config.json", SMP_RESNET18_REVISION,
-         lambda path: path.write_text(json.dumps(config)))
+    put_in_hf_cache(hub, "smp-hub/resnet18.imagenet", "config.json", json.dumps(config).encode(), SMP_RESNET18_REVISION)
     assert input_normalization("ResNet18", "imagenet") == config
     # random init: the documented default
     assert input_normalization("tu-tf_efficientnet_lite0", None) == DEFAULT_NORMALIZATION
@@ -66,10 +55,7 @@ def _keep_checkpoint(destination):
 
 def test_a_trial_trains_evaluates_and_checkpoints_with_its_encoders_normalisation(sample_root, hub, tmp_path):
     pretrained = timm.create_model("test_resnet").state_dict()
-    _put(hub, "timm/test_resnet.r160_in1k", "model.safetensors", "0" * 40,
-         lambda path: save_file(pretrained, str(path)))
-    (hub / "models--timm--test_resnet.r160_in1k" / "refs").mkdir()
-    (hub / "models--timm--test_resnet.r160_in1k" / "refs" / "main").write_text("0" * 40)
+    put_in_hf_cache(hub, "timm/test_resnet.r160_in1k", "model.safetensors", pretrained)
     trial = build_trial(_trial_config(sample_root, encoder_weights="imagenet"))
     expected = input_normalization("tu-test_resnet", "imagenet")
     assert expected != DEFAULT_NORMALIZATION and trial.normalization == expected
@@ -137,10 +123,7 @@ def test_dry_run_says_which_pretrained_encoders_are_cached_and_launch_refuses_mi
     space.write_text("experiment: {num_samples: 1, max_epochs: 1}\n"
                      "space:\n  backbone: {choice: [resnet18, tu-test_resnet]}\n  encoder_weights: imagenet\n"
                      "  resize: 64\n")
-    _put(hub, "timm/test_resnet.r160_in1k", "model.safetensors", "0" * 40,
-         lambda path: save_file(timm.create_model("test_resnet").state_dict(), str(path)))
-    (hub / "models--timm--test_resnet.r160_in1k" / "refs").mkdir()
-    (hub / "models--timm--test_resnet.r160_in1k" / "refs" / "main").write_text("0" * 40)
+    put_in_hf_cache(hub, "timm/test_resnet.r160_in1k", "model.safetensors", timm.create_model("test_resnet").state_dict())
     result = run_cli("launch.py", "--space", space, "--data", sample_root, "--dry-run", "--storage", tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
