@@ -15,10 +15,17 @@ def _write(tmp_path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "full.yaml"])
+@pytest.mark.parametrize("name", ["quick.yaml", "full.yaml", "cpu_real.yaml", "cpu_pretrained.yaml"])
 def test_shipped_spaces_are_valid(name):
     spec = load_space(ROOT / "search_spaces" / name)
     assert {p.name for p in spec.params} >= {"decoder", "backbone", "loss", "lr", "resize", "batch_size"}
+
+
+def test_the_pretrained_space_starts_from_its_measured_recipe():
+    spec = load_space(ROOT / "search_spaces" / "cpu_pretrained.yaml")
+    params = {p.name: p for p in spec.params}
+    assert params["encoder_weights"].values == ("imagenet",) and params["backbone"].values[0].startswith("tu-")
+    assert spec.first_trials == ({"lr": 3.0e-3},) and params["lr"].admits(3.0e-3)
 
 
 def test_sampler_suggests_focal_gamma_only_for_focal_loss(tmp_path):
