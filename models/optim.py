@@ -189,7 +189,8 @@ def resolve_amp(cfg: dict, device: torch.device | str) -> tuple[torch.dtype | No
     if device.type != "cuda":
         if mode in ("auto", "bf16") and cpu_has_fast_bf16():
             return torch.bfloat16, None
-        notes = {"bf16": "amp: bf16 asked for, but this CPU runs bf16 in neither AMX tiles nor AVX512-BF16; training in float32",
+        notes = {"bf16": "amp: bf16 asked for, but this CPU has neither AMX tiles nor AVX512-BF16; "
+                         "training in float32",
                  "fp16": "amp: fp16 runs on CUDA devices only; training in float32"}
         return None, notes.get(mode)
     if mode == "auto":
