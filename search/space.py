@@ -105,8 +105,8 @@ class Param:
 
     def admits(self, value) -> bool:
         """Whether value is one this parameter can take (a choice, or within its range)."""
-        if self.kind == "choice":
-            return value in self.values and not (isinstance(value, bool) and True not in self.values)
+        if self.kind == "choice":  # YAML's true is not the choice 1, nor 1 the choice true
+            return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in self.values)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
