@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Search decoders, backbones, losses, augmentations and resizes with Ray Tune (Optuna TPE + ASHA).
+"""Search decoders, backbones, losses, augmentations and resizes with Ray Tune: Optuna TPE proposes, the space
+chooses the scheduler (ASHA stops weak trials early; FIFO trains each to max_epochs).
 
     python launch.py                                      # CPU demo on the built-in sample dataset
     python launch.py --space search_spaces/full.yaml --data /data/trash --gpus 4
@@ -23,6 +24,7 @@ DEFAULT_SPACE = Path(__file__).resolve().parent / "search_spaces" / "quick.yaml"
 
 
 LAUNCH_FILE = "launch.json"  # what --resume needs, saved beside the experiment at start
+DRIVER_LOG = "driver.log"  # everything the search printed, Ray's, Tune's and wandb's output included
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -59,6 +61,8 @@ def parse_args(argv):
                         help="wall-clock budget of the whole search (20m, 1h30m, 900s): each trial plans its "
                              "last epoch to end before it, with its lr schedule annealed by then; none trains "
                              "past it, and each keeps its best checkpoint")
+    parser.add_argument("--warm-start", type=Path, default=None, metavar="EXPERIMENT",
+                        help="begin with the best configurations of an earlier experiment (those this space admits)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="train without images that fail validation (listed in a warning) instead of stopping")
     parser.add_argument("--resume", action="store_true",
@@ -84,7 +88,7 @@ def parse_args(argv):
             parser.error("--resume needs --name (the experiment to continue)")
         given = [flag for flag, value in (("--space", args.space), ("--data", args.data), ("--gpus", args.gpus),
                                           ("--num-samples", args.num_samples), ("--skip-bad", args.skip_bad),
-                                          ("--time-budget", args.time_budget),
+                                          ("--time-budget", args.time_budget), ("--warm-start", args.warm_start),
                                           ("--dry-run", args.dry_run)) if value not in (None, False)]
         if given:
             parser.error(f"--resume continues the experiment as it was started; leave out {', '.join(given)}")
@@ -121,6 +125,40 @@ def _check_gpus(requested: float) -> None:
     available = torch.cuda.device_count()
     if requested > available:
         raise UserError(f"--gpus {requested:g} asks for more GPUs than this machine has ({available})")
+
+
+def _warm_start(spec, experiment: Path) -> list[dict]:
+    """The best configurations of an earlier experiment that this space can take (search.experiment)."""
+    from search.experiment import read_trials, warm_start_points
+
+    points = warm_start_points(spec, read_trials(experiment))
+    if not points:
+        raise UserError(f"--warm-start {experiment}: none of its trials has a checkpoint and a searched parameter "
+                        f"this space admits")
+    return points
+
+
+def _check_trial_fits(e, args) -> None:
+    """A trial that needs more CPUs or GPUs than this machine has would wait for ever: Ray never
+    schedules it."""
+    cpus = os.cpu_count() or 1
+    if e.cpus_per_trial > cpus:
+        raise UserError(f"{args.space}: experiment.cpus_per_trial is {e.cpus_per_trial:g}, but this machine has "
+                        f"{cpus} CPUs: no trial could ever start; set cpus_per_trial to at most {cpus}")
+    if args.gpus > 0 and e.gpus_per_trial > args.gpus:
+        raise UserError(f"{args.space}: experiment.gpus_per_trial is {e.gpus_per_trial:g}, more than --gpus "
+                        f"{args.gpus:g}: no trial could ever start; give more GPUs or lower gpus_per_trial")
+
+
+def _wandb_warnings(args) -> list[str]:
+    """wandb online without credentials fails in every trial's logger, not at start."""
+    if _wandb_mode(args) != "online" or os.environ.get("WANDB_API_KEY"):
+        return []
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace"):
+        return []
+    return ["wandb is online but no credentials were found (WANDB_API_KEY or `wandb login`): trials cannot log "
+            "there; run `wandb login`, or use --wandb offline"]
 
 
 def _wandb_mode(args) -> str | None:
@@ -206,6 +244,7 @@ class Launch:
     spec: object = None  # search.space.SearchSpec of a new search (a resumed one keeps Tune's state)
     data_root: Path | None = None
     skip: list = dataclasses.field(default_factory=list)
+    header: str = ""  # what the console says first about the search
 
 
 def main(argv=None) -> int:
@@ -218,17 +257,31 @@ def main(argv=None) -> int:
     launch = _resumed(args) if args.resume else _new_search(args)
     if launch is None:  # --dry-run: the plan is printed, nothing started
         return 0
-    _start_ray(args, launch)
+    from driver_log import output_to_log
+
+    log = launch.experiment / DRIVER_LOG
+    with output_to_log(log) as console:  # Ray's, Tune's and wandb's output: in the log only
+        console.print(launch.header + f"\nFull output: {log}")
+        return _run(args, launch, console)
+
+
+def _run(args, launch: Launch, console) -> int:
+    import ray
+
+    _start_ray(args, launch, console)
     from search.tune_runner import resume_search, run_search, trial_resources
 
-    if args.resume:
-        resume_search(launch.experiment, trial_resources(launch.settings, launch.gpus))
-    else:
-        _write_launch_file(args, launch)
-        run_search(launch.spec, launch.data_root, storage=launch.experiment.parent, name=launch.experiment.name,
-                   gpus=launch.gpus, num_samples=args.num_samples, skip=launch.skip,
-                   wandb=launch.wandb_mode is not None, time_budget_s=args.time_budget)
-    return _finish(launch)
+    try:
+        if args.resume:
+            resume_search(launch.experiment, trial_resources(launch.settings, launch.gpus))
+        else:
+            _write_launch_file(args, launch)
+            run_search(launch.spec, launch.data_root, storage=launch.experiment.parent, name=launch.experiment.name,
+                       gpus=launch.gpus, num_samples=args.num_samples, skip=launch.skip,
+                       wandb=launch.wandb_mode is not None, time_budget_s=args.time_budget, console=console)
+        return _finish(launch, console)
+    finally:
+        ray.shutdown()  # while the output still goes to the log: the workers' last words land there
 
 
 def _resumed(args) -> Launch:
@@ -243,18 +296,24 @@ def _resumed(args) -> Launch:
     if not args.address:
         _check_gpus(gpus)
     wandb_mode = _wandb_mode_on_resume(args, _wandb_mode(args), settings)
-    print(f"Resuming {experiment} (data {data_root}, space {settings.get('space', '?')})", flush=True)
-    return Launch(experiment, ExperimentSettings(**settings["experiment"]), gpus, wandb_mode, data_root=data_root)
+    return Launch(experiment, ExperimentSettings(**settings["experiment"]), gpus, wandb_mode, data_root=data_root,
+                  header=f"Resuming {experiment} (data {data_root}, space {settings.get('space', '?')}); "
+                         f"Tune's progress goes to the log only")
 
 
 def _new_search(args) -> Launch | None:
     """A new search, its space and data checked before Ray starts; None after a dry run."""
     from search.preflight import check_data, check_weights_cached
-    from search.space import load_space
+    from search.space import load_space, never_active
 
     spec = load_space(args.space)
     if not args.address:
         _check_gpus(args.gpus)
+        _check_trial_fits(spec.experiment, args)
+    warm = _warm_start(spec, args.warm_start) if args.warm_start else []
+    spec = dataclasses.replace(spec, first_trials=(*warm, *spec.first_trials))
+    for warning in never_active(spec) + _wandb_warnings(args):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     data_root = _data_root(args)
     checked = check_data(spec, data_root, args.skip_bad)
     for warning in checked.warnings:
@@ -268,8 +327,10 @@ def _new_search(args) -> Launch | None:
         return None
     if not args.address:  # on a cluster the weights must be on the workers' nodes, not necessarily here
         check_weights_cached(spec)
-    print(f"Data: {data_root} ({checked.summary}, {checked.num_classes} classes)\nSpace: {args.space}\n"
-          f"Experiment: {experiment}", flush=True)
+    launch.header = (f"Data: {data_root} ({checked.summary}, {checked.num_classes} classes)\nSpace: {args.space}\n"
+                     f"Experiment: {experiment}"
+                     + (f"\nWarm start: the first {len(warm)} trial(s) take the best configurations of "
+                        f"{args.warm_start}" if warm else ""))
     return launch
 
 
@@ -282,7 +343,7 @@ def _data_root(args) -> Path:
     return ensure_sample_dataset()
 
 
-def _start_ray(args, launch: Launch) -> None:
+def _start_ray(args, launch: Launch, console) -> None:
     """Sets what trial workers inherit (wandb's mode, the time budget's deadline), then starts or joins Ray."""
     from search.trainable import DEADLINE_ENV
     from search.tune_runner import auth_token_path, start_ray
@@ -295,9 +356,9 @@ def _start_ray(args, launch: Launch) -> None:
     dashboard = start_ray(launch.gpus, dashboard_host=args.dashboard_host, address=args.address)
     if dashboard:
         where = "local only" if args.dashboard_host in LOCAL_HOSTS and not args.address else "reachable from the network"
-        print(f"Ray dashboard: http://{dashboard} ({where}; it asks for Ray's token: "
-              f"`ray get-auth-token` prints it, from {auth_token_path()}; API clients send `Authorization: Bearer "
-              f"<token>`)", flush=True)
+        console.print(f"Ray dashboard: http://{dashboard} ({where}; it asks for Ray's token: "
+                      f"`ray get-auth-token` prints it, from {auth_token_path()}; API clients send `Authorization: "
+                      f"Bearer <token>`)")
 
 
 def _write_launch_file(args, launch: Launch) -> None:
@@ -307,27 +368,31 @@ def _write_launch_file(args, launch: Launch) -> None:
         "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(launch.data_root),
         "skip": sorted(launch.skip), "gpus": launch.gpus, "num_samples": args.num_samples or e.num_samples,
         "wandb": launch.wandb_mode is not None, "time_budget_s": args.time_budget,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }, indent=2))
 
 
-def _finish(launch: Launch) -> int:
+def _finish(launch: Launch, console) -> int:
     """The leaderboard, the best trial and the report; exit code 1 when no trial reported a val mIoU."""
-    from search.experiment import best_trial_summary, format_table, leaderboard_rows, read_trials, write_leaderboard
+    from search.experiment import (best_trial_summary, format_table, leaderboard_rows, read_trials, varying_columns,
+                                   write_leaderboard, write_storage_leaderboard)
     from search.report import report_after_run
 
     trials = read_trials(launch.experiment)
-    rows = leaderboard_rows(trials)
+    rows = leaderboard_rows(trials, launch.experiment)
     path = write_leaderboard(launch.experiment, rows)
-    print(f"\nLeaderboard ({path}):\n{format_table(rows)}\n\n{best_trial_summary(trials)}")
+    every = write_storage_leaderboard(launch.experiment.parent)
+    console.print(f"\nLeaderboard ({path}; every experiment under {every.parent}: {every}):\n"
+                  f"{format_table(rows, varying_columns(rows))}\n\n{best_trial_summary(trials)}")
     errored = [t for t in trials if t.status == "errored"]
     if errored:
-        print(f"{len(errored)} trial(s) errored (each tried {launch.settings.max_failures + 1} time(s)); "
-              f"trial {errored[0].trial_id}: {errored[0].error}", file=sys.stderr)
+        console.print(f"{len(errored)} trial(s) errored (each tried {launch.settings.max_failures + 1} time(s)); "
+                      f"trial {errored[0].trial_id}: {errored[0].error}", error=True)
     if not any(r["best_val_miou"] for r in rows):
-        print("error: no trial reported a val mIoU; see the errors above", file=sys.stderr)
+        console.print("error: no trial reported a val mIoU; see the errors above", error=True)
         return 1
-    print(report_after_run(launch.experiment))
-    print(f"\nNext: python ensemble_select.py --experiment {launch.experiment} --topk 5")
+    console.print(report_after_run(launch.experiment))
+    console.print(f"\nNext: python ensemble_select.py --experiment {launch.experiment} --topk 5")
     return 0
 
 

@@ -85,7 +85,7 @@ def main() -> None:
     start = time.perf_counter()
     selection = greedy_selection(torch_members, torch.from_numpy(labels), args.classes, max_rounds=args.rounds)
     project_s = time.perf_counter() - start
-    assert [s["member"] for s in selection.path] == naive_path, "the two selections disagree"
+    assert [m for s in selection.path for m in s["members"]] == naive_path, "the two selections disagree"
 
     rows = [labels[i].astype(np.uint8) for i in range(min(20, args.images))]
     writer_naive_s = best_of(lambda: [" ".join(str(x) for x in row.ravel()) for row in rows], 3)

@@ -1,5 +1,5 @@
 """One trial config trained outside Ray, scored on val every epoch and, at the end, on a labelled test
-file at the submission size: the single-model figures of the README's time-budget section.
+file at the submission size: the single-model figures of bench/README.md's time-budget section.
 
     .venv/bin/python bench/single_model.py [--data ../shared/datasets/trashcan-mini]
         [--space search_spaces/quick.yaml] [--set decoder=Unet lr=2e-3 ...] [--gt test_gt.json]

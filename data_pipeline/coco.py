@@ -1,4 +1,4 @@
-"""Reading a COCO segmentation file: classes, images (never outside the dataset root), label maps.
+"""Reading a COCO segmentation file: classes, images (named inside the dataset root), label maps.
 
 Class contract: label 0 is background; categories follow in id order as labels 1..K, unless a class
 map (data_pipeline.classes) renames, merges or drops them; label 255 is ignored.
@@ -10,7 +10,7 @@ import io
 import json
 from collections.abc import Iterable
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -20,12 +20,26 @@ from data_pipeline.classes import ClassMap, ResolvedClasses, resolve
 from errors import UserError
 
 
+class PathOutsideRoot(UserError):
+    """A file name that leaves the dataset root; `reason` says how (for one-line validation reports)."""
+
+    def __init__(self, what: str, relative: str, reason: str):
+        super().__init__(f"{what} {relative!r}: {reason}")
+        self.reason = reason
+
+
 def resolve_inside(root: Path, relative: str, what: str) -> Path:
-    """root/relative, refusing paths that escape root (absolute paths, '..', links pointing out)."""
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise UserError(f"{what} {relative!r} points outside the dataset root {root}")
-    return path
+    """root/relative, refusing a name that leaves root as written: an absolute path, or '..' above the
+    root. Symbolic links inside the root are followed wherever they point: that is how Kaggle and
+    Colab mount datasets, and the name, not the link target, is what an annotation file controls."""
+    if Path(relative).is_absolute() or PurePosixPath(relative).is_absolute():
+        raise PathOutsideRoot(what, relative, f"path is absolute; names must be relative to the dataset root {root}")
+    depth = 0
+    for part in PurePosixPath(relative.replace("\\", "/")).parts:
+        depth += -1 if part == ".." else part != "."
+        if depth < 0:
+            raise PathOutsideRoot(what, relative, f"path leaves the dataset root {root} through '..'")
+    return root / relative
 
 
 class AnnotationFileError(UserError):

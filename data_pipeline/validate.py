@@ -21,7 +21,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from errors import UserError
 
-from .coco import AnnotationFileError, CocoSegmentation, is_json_int
+from .coco import AnnotationFileError, CocoSegmentation, PathOutsideRoot, is_json_int
 
 # EXIF orientations that turn the stored image by 90 degrees (width and height swap once applied).
 TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -114,8 +114,8 @@ def image_problem(coco: CocoSegmentation, image_id: int) -> str | None:
     """Why the image cannot be used, or None."""
     try:
         path = coco.image_path(image_id)
-    except UserError:
-        return f"path points outside the dataset root {coco.root}"
+    except PathOutsideRoot as exc:
+        return exc.reason
     if not path.is_file():
         return "missing (no such file under the dataset root)"
     try:

@@ -1,4 +1,4 @@
-"""Greedy forward ensemble selection with replacement (Caruana et al., ICML 2004) on val mIoU, and a
+"""Forward ensemble selection with replacement (Caruana et al., ICML 2004) on val mIoU, and a
 class-wise refinement of it.
 
 Members' val probabilities come quantised to uint8 (`quantize`: probability x 255), a quarter of the
@@ -7,12 +7,19 @@ near-ties. Arrays are [N, C, H, W]: each class is a contiguous plane per image, 
 class is found with elementwise maxima over the planes of packed (score, class) keys (`KeySpace`),
 which vectorises far better than a max over a dimension of ~12 classes.
 
-The ensemble starts from the best single member; each round adds (again, possibly) the member whose
-addition gives the highest val mIoU. After max_rounds the best prefix of the path is kept, so the
-ensemble is never worse on val than the best single member. Weights are selection counts / rounds.
+A hill-climb starts from a set of members with equal weights; each later round adds (again,
+possibly) the member whose addition gives the highest val mIoU. After max_rounds the best prefix of
+the path (never shorter than the start) is kept. Weights are selection counts / rounds.
+
+`ensemble_selection` runs two hill-climbs and keeps the better on val: Caruana's plain greedy from
+the best single member, and one from the best equal-weight subset of the members (every subset when
+there are few candidates, else the best N by their own val mIoU: Caruana's sorted initialisation).
+Plain greedy cannot pass through a dip: when every pair scores below the best member, it never adds a
+second one, though three together may beat it. Neither ends below the best single member on val.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -95,14 +102,21 @@ def ensemble_miou(terms: Terms, labels: torch.Tensor, num_classes: int) -> float
     return mean_iou(ensemble_confusion(terms, labels, num_classes))
 
 
+EXHAUSTIVE_START_LIMIT = 8  # up to this many candidates every equal-weight subset is tried as a start
+
+
 @dataclass
 class Selection:
     counts: list[int]  # times each member was chosen in the kept prefix of the path
-    path: list[dict] = field(default_factory=list)  # {"round", "member", "val_miou"} per round
+    # {"round", "members" (added in the round: the whole start in round 1), "val_miou"} per round
+    path: list[dict] = field(default_factory=list)
     val_miou: float = 0.0
     member_miou: list[float] = field(default_factory=list)
     member_conf: list[torch.Tensor] = field(default_factory=list)  # each member's own confusion matrix
     confusion: torch.Tensor | None = None  # the selected ensemble's
+    start: str = "best member"  # what the hill-climb started from: "best member" or "best subset"
+    stopped: str = ""  # why the kept ensemble is where the path was cut
+    tried: dict[str, float] = field(default_factory=dict)  # val mIoU of each start ensemble_selection tried
 
     @property
     def weights(self) -> list[float]:
@@ -215,41 +229,103 @@ class OverBudget(ValueError):
 
 def greedy_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
                      max_rounds: int = 10, chunk: int = 8, costs: Sequence[float] | None = None,
-                     budget: float | None = None) -> Selection:
+                     budget: float | None = None, start: Sequence[int] | None = None) -> Selection:
     """member_probs: per member [N, C, H, W] uint8 probabilities (quantize) on the same val images.
 
-    The ensemble's summed probabilities are kept between rounds (as keys); a candidate is scored by
-    adding it to the running sum, never by re-summing the members. With costs (e.g. each member's inference ms per image) and a
-    budget, only members that keep the total cost of the distinct members within it are considered
-    (choosing a member again costs nothing).
+    The hill-climb starts from the members in start (equal weights; default the best single member
+    that fits the budget) and adds one member in each of the max_rounds - 1 later rounds. The
+    ensemble's summed probabilities are kept between rounds (as keys); a candidate is scored by
+    adding it to the running sum, never by re-summing the members. With costs (e.g. each member's
+    inference ms per image) and a budget, only members that keep the total cost of the distinct
+    members within it are considered (choosing a member again costs nothing).
     """
     _check_quantized(member_probs)
     allowed = _within_budget(costs, budget, set(), len(member_probs))
     if not any(allowed):
         raise OverBudget(budget, min(costs))
-    scorer, space = _Scorer(labels, num_classes), KeySpace(num_classes, max_rounds)
-    member_conf = [scorer.confusion(space.member_labels(p, chunk)) for p in member_probs]
+    scorer = _Scorer(labels, num_classes)
+    member_conf = [scorer.confusion(KeySpace(num_classes, 1).member_labels(p, chunk)) for p in member_probs]
     member_miou = [mean_iou(conf) for conf in member_conf]
-    first = int(np.argmax([m if ok else -1.0 for m, ok in zip(member_miou, allowed)]))
-    running = space.keys([member_probs[first]], [1])
-    path = [{"round": 1, "member": first, "val_miou": member_miou[first]}]
-    confs_on_path = [member_conf[first]]
+    if start is None:
+        start = [int(np.argmax([m if ok else -1.0 for m, ok in zip(member_miou, allowed)]))]
+    space = KeySpace(num_classes, len(start) + max_rounds - 1)
+    running = space.keys([member_probs[m] for m in start], [1] * len(start))
+    conf = scorer.confusion(space.class_of(space.top_in_chunks(running, chunk)))
+    path = [{"round": 1, "members": list(start), "val_miou": mean_iou(conf)}]
+    confs_on_path = [conf]
     for round_index in range(2, max_rounds + 1):
-        allowed = _within_budget(costs, budget, {step["member"] for step in path}, len(member_probs))
+        chosen = {m for step in path for m in step["members"]}
+        allowed = _within_budget(costs, budget, chosen, len(member_probs))
         confs = [_confusion_with(p, running, scorer, space, chunk) if ok else None
                  for p, ok in zip(member_probs, allowed)]
         scores = [mean_iou(c) if c is not None else -1.0 for c in confs]
         best = int(np.argmax(scores))
         running.add_(member_probs[best], alpha=space.shift)
-        path.append({"round": round_index, "member": best, "val_miou": scores[best]})
+        path.append({"round": round_index, "members": [best], "val_miou": scores[best]})
         confs_on_path.append(confs[best])
     # Keep the best prefix (earliest on ties).
     best_len = max(range(len(path)), key=lambda i: (path[i]["val_miou"], -i)) + 1
     counts = [0] * len(member_probs)
     for step in path[:best_len]:
-        counts[step["member"]] += 1
+        for m in step["members"]:
+            counts[m] += 1
     return Selection(counts=counts, path=path, val_miou=path[best_len - 1]["val_miou"], member_miou=member_miou,
-                     member_conf=member_conf, confusion=confs_on_path[best_len - 1])
+                     member_conf=member_conf, confusion=confs_on_path[best_len - 1],
+                     stopped=_stop_reason(path, best_len, max_rounds))
+
+
+def _stop_reason(path: list[dict], kept: int, max_rounds: int) -> str:
+    if len(path) == 1:
+        return "max_rounds is 1: the start is the ensemble"
+    if kept == len(path):
+        return f"val mIoU still rose in the last of {max_rounds} rounds (more rounds might help)"
+    return f"no round after round {kept} raised val mIoU above its {path[kept - 1]['val_miou']:.4f}"
+
+
+def best_subset(member_probs: list[torch.Tensor], labels: torch.Tensor, num_classes: int, member_miou: Sequence[float],
+                chunk: int = 8, costs: Sequence[float] | None = None, budget: float | None = None) -> list[int]:
+    """The equal-weight subset of the members (within the budget) with the highest val mIoU, fewest
+    members first on ties: every subset up to EXHAUSTIVE_START_LIMIT candidates, else the best N by
+    their own val mIoU for every N (sorted initialisation)."""
+    order = sorted(range(len(member_probs)), key=lambda m: -member_miou[m])
+    if len(member_probs) <= EXHAUSTIVE_START_LIMIT:
+        subsets = [list(c) for n in range(1, len(order) + 1) for c in itertools.combinations(order, n)]
+    else:
+        subsets = [order[:n] for n in range(1, len(order) + 1)]
+    if budget is not None:
+        subsets = [s for s in subsets if sum(costs[m] for m in s) <= budget]
+    if not subsets:
+        raise OverBudget(budget, min(costs))
+    scorer, space = _Scorer(labels, num_classes), KeySpace(num_classes, len(order))
+    scores = [mean_iou(_subset_confusion([member_probs[m] for m in s], scorer, space, chunk)) for s in subsets]
+    return sorted(subsets[int(np.argmax(scores))])  # subsets come smallest first: argmax keeps the first of equals
+
+
+def _subset_confusion(member_probs: list[torch.Tensor], scorer: _Scorer, space: KeySpace, chunk: int) -> torch.Tensor:
+    """Confusion matrix of the equal-weight sum of member_probs, summed chunk by chunk."""
+    conf = torch.zeros(scorer.num_classes, scorer.num_classes, dtype=torch.long)
+    for i in range(0, len(scorer.truth), chunk):
+        keys = space.keys([p[i:i + chunk] for p in member_probs], [1] * len(member_probs))
+        conf += scorer.counts(scorer.truth[i:i + chunk].reshape(-1), space.class_of(space.top(keys)).reshape(-1))
+    return conf
+
+
+def ensemble_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
+                       max_rounds: int = 10, chunk: int = 8, costs: Sequence[float] | None = None,
+                       budget: float | None = None) -> Selection:
+    """The better on val (plain greedy on ties) of two hill-climbs: from the best single member
+    (greedy_selection as Caruana wrote it) and from the best equal-weight subset (best_subset).
+    Its `tried` holds both val mIoUs."""
+    greedy = greedy_selection(member_probs, labels, num_classes, max_rounds, chunk, costs, budget)
+    start = best_subset(member_probs, labels, num_classes, greedy.member_miou, chunk, costs, budget)
+    tried = {"best member": greedy}
+    if len(start) > 1:
+        tried["best subset"] = greedy_selection(member_probs, labels, num_classes, max_rounds, chunk, costs, budget,
+                                                start=start)
+        tried["best subset"].start = "best subset"
+    kept = max(tried.values(), key=lambda s: s.val_miou)  # the first of equals: plain greedy
+    kept.tried = {name: s.val_miou for name, s in tried.items()}
+    return kept
 
 
 def _within_budget(costs, budget, chosen: set, count: int) -> list[bool]:

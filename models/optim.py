@@ -14,7 +14,7 @@ AMP: `auto` is bf16 autocast on a CUDA device that supports it, else fp16 with a
 CPU, `auto` and `bf16` are bf16 autocast where the CPU runs bf16 convolutions in hardware (AMX tiles
 or AVX512-BF16, through oneDNN); elsewhere bf16 is emulated and slower than float32, so `auto` stays
 float32 and an explicit bf16/fp16 request trains in float32 with a note for the trial log. One
-search space runs on every machine. The README has the measured speed-ups.
+search space runs on every machine. bench/README.md has the measured speed-ups.
 
 channels_last: `auto` is on for every device: oneDNN and cuDNN run channels-last convolutions
 faster, and normalize's output is channels-last in memory already. `false` is NCHW throughout.

@@ -2,6 +2,8 @@
 benchmarks and tests call the same code."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from labels import IGNORE
 
 from .inference import normalize, predict_batch, to_labels
-from .metrics import confusion_matrix, image_mious, mean_iou, pixel_accuracy
+from .metrics import confusion_matrix, image_mious, iou_per_class, mean_iou, pixel_accuracy
 from .open_set import UnknownScoring, flagged_as_unknown, known_class_head
 
 
@@ -77,8 +79,9 @@ def update_bn_statistics(model: nn.Module, loader, device, normalization: dict, 
 
 def evaluate(model, loader, num_classes: int, device, normalization: dict,
              unknown: UnknownScoring | None = None, amp: torch.dtype | None = None) -> dict:
-    """val_miou (dataset), val_image_miou (mean of per-image mIoU), val_pixel_acc and val_loss (NLL of
-    the probabilities) over loader.
+    """val_miou (dataset), val_image_miou (mean of per-image mIoU), val_pixel_acc, val_loss (NLL of
+    the probabilities) and val_class_iou (IoU per label, None for a class absent from both the truth
+    and the predictions) over loader.
 
     unknown: when the label space has an UNKNOWN class, also val_unknown_rejected and
     val_known_rejected (the shares of UNKNOWN and of known pixels the model flags as UNKNOWN); for an
@@ -134,5 +137,7 @@ def _evaluate(model, loader, num_classes: int, device, normalization: dict, unkn
     elif unknown is not None:
         flagged = flagged_as_unknown(conf, unknown.unknown_label)
         metrics = dict(zip(("val_unknown_rejected", "val_known_rejected"), flagged))
+    class_iou = [None if math.isnan(v) else float(v) for v in iou_per_class(conf.cpu())]  # None: class absent
     return {"val_miou": mean_iou(conf), "val_image_miou": image_miou_sum.item() / max(images_scored, 1),
-            "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll.item() / max(count, 1), **metrics}, curve
+            "val_pixel_acc": pixel_accuracy(conf), "val_loss": nll.item() / max(count, 1), **metrics,
+            "val_class_iou": class_iou}, curve

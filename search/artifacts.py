@@ -138,22 +138,15 @@ def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
     submission size, from the members' cached val probabilities, labelled as ensemble_select.py
     labels them (weights, rejection, class filter: models.ensemble.combine)."""
     from data_pipeline.trial_data import DataSpec
-    from models.class_filter import ClassFilter
     from models.ensemble import combine_in_chunks, has_weight
-    from search.ensemble_job import load_val_cache
+    from search.ensemble_job import load_val_cache, member_weight, saved_decision
 
-    used = [m for m in summary["members"] if has_weight(_weight_values(m["weight"]))]
+    used = [m for m in summary["members"] if has_weight(member_weight(m["weight"]))]
     val = DataSpec.from_config(used[0]["config"], summary["data_root"]).val_split(summary["size"])
-    terms = [(_weight_values(m["weight"]), load_val_cache(Path(m["val_cache"]))) for m in used]
-    rejection, rules = summary.get("open_set"), (summary.get("class_filter") or {}).get("rules")
-    class_filter = ClassFilter.from_dict(rules, summary["per_class_iou"]) if rules else None
-    reject = (rejection["threshold"], rejection["reject_label"]) if rejection else None
+    terms = [(member_weight(m["weight"]), load_val_cache(Path(m["val_cache"]))) for m in used]
+    reject, class_filter = saved_decision(summary)
     predictions = [labels.to(torch.uint8).numpy() for labels, _ in combine_in_chunks(terms, reject, class_filter)]
     return np.array(val.images), np.array(val.masks), np.concatenate(predictions)  # copies: the cache is read-only
-
-
-def _weight_values(weight):
-    return list(weight.values()) if isinstance(weight, dict) else weight
 
 
 def worst_images(summary: dict, count: int = 6) -> dict:

@@ -1,5 +1,6 @@
 """From an experiment to a submission: pick the top trials of one backbone, compute their val
-probabilities, select a weighted ensemble greedily on val mIoU, run it on the test set.
+probabilities, select a weighted ensemble on val mIoU (models.ensemble.ensemble_selection), run it on
+the test set.
 
 Every member is evaluated at the submission resolution (size x size): its logits are resized
 bilinearly before the softmax, and val labels are resized with nearest neighbour.
@@ -22,8 +23,8 @@ from data_pipeline.submission import write_submission
 from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint
-from models.class_filter import FilterFit, fit_class_filter
-from models.ensemble import (ClassSelection, OverBudget, Selection, combine, combine_in_chunks, greedy_selection,
+from models.class_filter import ClassFilter, FilterFit, fit_class_filter
+from models.ensemble import (ClassSelection, OverBudget, Selection, combine, combine_in_chunks, ensemble_selection,
                              has_weight, per_class_selection, quantize)
 from models.inference import predict_batch
 from models.optim import inference_amp
@@ -221,7 +222,7 @@ def select_group(trials: list[TrialRecord], backbone: str, options: EnsembleOpti
     ms = [inference_ms_per_image(m, data, size, device, tta) for m in members]
     log("Inference ms per image: " + ", ".join(f"{m.trial.trial_id} {t:.1f}" for m, t in zip(members, ms)))
     budget = {"costs": ms, "budget": budget_ms}
-    selection = greedy_selection(probs, labels, num_classes, max_rounds=max_rounds, **budget)  # may raise OverBudget
+    selection = ensemble_selection(probs, labels, num_classes, max_rounds=max_rounds, **budget)  # may raise OverBudget
     _log_selection(selection, members, log)
     refined = None
     if options.per_class:
@@ -292,11 +293,16 @@ def _summary(experiment: Path, group: GroupEnsemble, groups: list[GroupEnsemble]
     fit = group.filter_fit
     return {
         "experiment": str(experiment), "backbone": group.backbone, "size": options.size, "tta": options.tta,
-        "data_root": group.data.root, "val_miou": group.val_miou, "greedy_val_miou": selection.val_miou,
+        "data_root": group.data.root, "val_miou": group.val_miou, "selection_val_miou": selection.val_miou,
+        "selection": {"start": selection.start, "tried": selection.tried, "stopped": selection.stopped,
+                      "best_member_val_miou": max(selection.member_miou),
+                      "gain_over_best_member": selection.val_miou - max(selection.member_miou),
+                      "members_with_weight": sum(1 for c in selection.counts if c)},
         "groups": {g.backbone: g.val_miou for g in groups},
         "per_class_iou": dict(zip(class_names, _nan_to_none(group.per_class_iou))),
         "confusion": group.confusion.tolist(),  # val pixels, rows = truth, columns = prediction
-        "selection_path": [{**s, "trial_id": members[s["member"]].trial.trial_id} for s in selection.path],
+        "selection_path": [{**s, "trial_ids": [members[m].trial.trial_id for m in s["members"]]}
+                           for s in selection.path],
         "per_class_path": [{**s, "trial_id": members[s["member"]].trial.trial_id, "class_name": class_names[s["class"]]}
                            for s in refined.path] if refined else None,
         "members": [{"trial_id": m.trial.trial_id, "checkpoint": str(m.trial.checkpoint), "config": m.trial.config,
@@ -395,11 +401,15 @@ def _log_selection(selection: Selection, members: list[Member], log) -> None:
     for i, (m, score) in enumerate(zip(members, selection.member_miou)):
         c = m.trial.config
         log(f"  member {i} {m.trial.trial_id} {c.get('decoder')}/{c.get('loss')}: val mIoU {score:.4f}")
-    log("Selection path (round, member added, ensemble val mIoU):")
+    log("Starts tried (val mIoU after the hill-climb): "
+        + ", ".join(f"{name} {score:.4f}" for name, score in selection.tried.items()) + f"; kept {selection.start}")
+    log("Selection path (round, members added, ensemble val mIoU):")
     for step in selection.path:
-        log(f"  {step['round']:2d}  member {step['member']}  {step['val_miou']:.4f}")
+        log(f"  {step['round']:2d}  member {', '.join(map(str, step['members']))}  {step['val_miou']:.4f}")
     weights = ", ".join(f"{m.trial.trial_id}={w:.2f}" for m, w in zip(members, selection.weights) if w)
-    log(f"Ensemble val mIoU {selection.val_miou:.4f} (best single {max(selection.member_miou):.4f}); weights {weights}")
+    best = max(selection.member_miou)
+    log(f"Ensemble val mIoU {selection.val_miou:.4f}, {selection.val_miou - best:+.4f} over the best member's "
+        f"{best:.4f}; weights {weights}; stopped: {selection.stopped}")
 
 
 def _predict_test(group: GroupEnsemble, size: int, device, tta: str):
@@ -416,6 +426,18 @@ def _predict_test(group: GroupEnsemble, size: int, device, tta: str):
         for label_map, confidence_map in zip(labels.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()):
             yield file_names[index], label_map, confidence_map
             index += 1
+
+
+def member_weight(weight):
+    """A member's weight as ensemble.json stores it (a number, or {class name: weight}) -> combine's form."""
+    return list(weight.values()) if isinstance(weight, dict) else weight
+
+
+def saved_decision(summary: dict) -> tuple[tuple[float, int] | None, ClassFilter | None]:
+    """(open-set rejection, class filter) of a saved ensemble (ensemble.json), for models.ensemble.combine."""
+    rejection, rules = summary.get("open_set"), (summary.get("class_filter") or {}).get("rules")
+    class_filter = ClassFilter.from_dict(rules, list(summary["per_class_iou"])) if rules else None
+    return ((rejection["threshold"], rejection["reject_label"]) if rejection else None), class_filter
 
 
 def _nan_to_none(values: np.ndarray) -> list:

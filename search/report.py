@@ -30,7 +30,7 @@ from atomic_file import write_atomically
 from errors import UserError, run_cli
 
 from . import artifacts, figures
-from .experiment import is_experiment, leaderboard_rows, read_trials
+from .experiment import is_experiment, leaderboard_rows, read_trials, varying_columns
 
 REPORT_DIR = "report"
 
@@ -48,7 +48,8 @@ def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -
     directory.mkdir(parents=True, exist_ok=True)
     summary = artifacts.read_summary(ensemble_summary or experiment / "ensemble" / "ensemble.json")
     data = _report_data(experiment, trials, summary)
-    sections = [("Trials", _table(leaderboard_rows(trials))), *_sections(data, summary, directory)]
+    rows = leaderboard_rows(trials, experiment)
+    sections = [("Trials", _table(rows, varying_columns(rows))), *_sections(data, summary, directory)]
     numbers = {**{k: v for k, v in data.items() if k != "worst_arrays"},
                "unknown": {k: data["unknown"][k] for k in ("trials", "curves")} if data["unknown"] else {}}
     write_atomically(directory / "report.json", json.dumps(numbers, indent=2, default=str))
@@ -97,11 +98,11 @@ def _images(names) -> str:
     return "".join(f'<img src="{html.escape(n)}" alt="{html.escape(n)}">' for n in names if n)
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], columns: list[str]) -> str:
     if not rows:
         return "<p>No trials.</p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

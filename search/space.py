@@ -3,7 +3,7 @@
 A space file has three sections:
 
     experiment: {num_samples, max_epochs, scheduler (asha | fifo), grace_period, reduction_factor, seed,
-                 cpus_per_trial, gpus_per_trial, max_failures, metric, mode}
+                 cpus_per_trial, gpus_per_trial, max_failures, metric, mode, checkpoint, min_epochs}
     data:       train, val, test: annotation files relative to the data root
                 split: given (train/val files) | kfold (fold `fold` of `folds` over train_all, split_seed)
                 class_map: a class-map YAML (relative to this file), unknown: keep | background | ignore
@@ -19,6 +19,7 @@ A space file has three sections:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +91,13 @@ class ExperimentSettings:
     gpus_per_trial: float = 1.0  # used only when GPUs are given to the search
     max_failures: int = 1  # retries of a trial that raises before it is recorded as errored
     checkpoint: str = "best"  # the checkpoint each trial keeps: best (by metric) or last (its final weights)
+    # Under a time budget no trial starts unless this many epochs fit before the deadline; 0: the larger
+    # of ASHA's grace_period and a quarter of max_epochs (a shorter trial is no useful candidate).
+    min_epochs: int = 0
+
+    @property
+    def useful_epochs(self) -> int:
+        return self.min_epochs or max(self.grace_period, math.ceil(self.max_epochs / 4))
 
 
 SCHEDULERS = ("asha", "fifo")
@@ -197,6 +205,8 @@ def _check_experiment(e: ExperimentSettings) -> None:
     for key in ("num_samples", "max_epochs", "grace_period", "cpus_per_trial"):
         if getattr(e, key) <= 0:
             raise UserError(f"experiment.{key} must be positive, got {getattr(e, key)!r}")
+    if not 0 <= e.min_epochs <= e.max_epochs:
+        raise UserError(f"experiment.min_epochs must be between 0 and max_epochs ({e.max_epochs}), got {e.min_epochs}")
     if e.grace_period > e.max_epochs:
         raise UserError(f"experiment.grace_period ({e.grace_period}) exceeds max_epochs ({e.max_epochs})")
     if e.checkpoint not in CHECKPOINTS:
@@ -249,6 +259,22 @@ def possible_values(params: list[Param], name: str) -> list:
     their bounds."""
     param = next((p for p in params if p.name == name), None)
     return list(param.values) if param else [TRIAL_PARAMS[name][1]]
+
+
+def never_active(spec: SearchSpec) -> list[str]:
+    """A warning per conditional parameter whose `when` no value of the parameters it names can meet
+    (e.g. focal_gamma when loss is focal, in a space whose loss is always ce): it is never sampled."""
+    warnings = []
+    for p in spec.params:
+        for name, allowed in p.when:
+            other = next((q for q in spec.params if q.name == name), None)
+            if other is not None and other.kind not in ("fixed", "choice"):
+                continue  # a range: whether a value in it is allowed is not worth guessing
+            values = possible_values(list(spec.params), name)
+            if not any(_parts(name, v) & set(allowed) for v in values):
+                warnings.append(f"{spec.source}: space.{p.name} is never sampled: its `when` needs {name} in "
+                                f"{list(allowed)}, but {name} can only be {values}")
+    return warnings
 
 
 def pretrained_encoders(spec: SearchSpec) -> list[tuple[str, str]]:

@@ -189,7 +189,7 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
                  train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, meta=meta,
                  amp=amp, channels_last=channels_last, swa=AveragedModel(model) if swa_epochs else None,
                  swa_epochs=swa_epochs, unknown=scoring, setup_time_s=time.perf_counter() - started,
-                 deadline=_deadline(), last_epoch=cfg["max_epochs"])
+                 deadline=search_deadline(), last_epoch=cfg["max_epochs"])
 
 
 def _normalization(cfg: dict) -> dict:
@@ -210,7 +210,8 @@ def _crop(cfg: dict, train_split, num_classes: int) -> Crop | None:
                 max_scale=cfg["crop_scale"])
 
 
-def _deadline() -> float | None:
+def search_deadline() -> float | None:
+    """The unix time by which a budgeted search ends (launch.py --time-budget), None without a budget."""
     value = os.environ.get(DEADLINE_ENV)
     return float(value) if value else None
 

@@ -1,24 +1,30 @@
 """Ray Tune wiring: start (or join) Ray, then run Optuna TPE + ASHA over a validated SearchSpec."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
+import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from errors import UserError
 
+from .progress import ProgressTable
 from .space import SearchSpec, SpaceSampler
-from .trainable import DEADLINE_ENV, train_segmentation
+from .trainable import DEADLINE_ENV, DEADLINE_MARGIN, search_deadline, train_segmentation
 
 DASHBOARD_HOST, DASHBOARD_PORT = "127.0.0.1", 8265
+OPTUNA_FILE = "optuna.db"
+log = logging.getLogger(__name__)
 
 
 def start_ray(gpus: float, cpus: int | None = None, *, dashboard_host: str = DASHBOARD_HOST,
@@ -137,33 +143,121 @@ def wandb_callbacks(experiment: Path, enabled: bool) -> list:
                                 dir=str(experiment))]
 
 
+def optuna_storage(experiment: Path):
+    """The study in EXPERIMENT/optuna.db (SQLite): optuna-dashboard opens it, optuna.load_study reads it,
+    and a resumed search goes on writing to it."""
+    import optuna
+
+    experiment.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_FILE}")
+
+
 def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, gpus: float,
-               num_samples: int | None = None, skip=(), wandb: bool = False, time_budget_s: float | None = None) -> Path:
+               num_samples: int | None = None, skip=(), wandb: bool = False, time_budget_s: float | None = None,
+               console=None) -> Path:
     """Runs the search in the running Ray instance, to completion or until time_budget_s seconds have
-    passed (Tune then stops the running trials; their checkpoints stay); returns the experiment folder."""
+    passed (Tune then stops the running trials; their checkpoints stay); returns the experiment folder.
+    console (a driver_log.Console): where a row per ended trial and a status line a minute go."""
     e = spec.experiment
     resources = ray.cluster_resources()
     max_concurrent = concurrency(e, resources.get("CPU", 1), resources.get("GPU", 0) if gpus > 0 else 0)
     searcher = OptunaSearch(space=SpaceSampler(spec.params, trial_constants(spec, data_root, skip)),
                             metric=e.metric, mode=e.mode, seed=e.seed,
-                            points_to_evaluate=list(spec.first_trials) or None)
+                            points_to_evaluate=list(spec.first_trials) or None,
+                            study_name=name, storage=optuna_storage(storage / name))
     tuner = tune.Tuner(
         tune.with_resources(train_segmentation, trial_resources(e, gpus)),
         tune_config=tune.TuneConfig(
             metric=e.metric, mode=e.mode, num_samples=num_samples or e.num_samples, reuse_actors=True,
             trial_dirname_creator=trial_dirname,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+            search_alg=BudgetLimiter(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), e.useful_epochs),
             scheduler=scheduler(e), time_budget_s=time_budget_s,
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), verbose=1,
             failure_config=tune.FailureConfig(max_failures=e.max_failures),
             checkpoint_config=_checkpoint_config(e),
-            callbacks=wandb_callbacks(storage / name, wandb),
+            callbacks=wandb_callbacks(storage / name, wandb) + _progress(console, spec, num_samples or e.num_samples),
         ),
     )
     tuner.fit()
     return storage / name
+
+
+class BudgetLimiter(Searcher):
+    """Starts no trial that cannot train min_epochs epochs before the search's deadline (a time budget,
+    search.trainable.search_deadline): one begun in the budget's last minutes would be cut after an
+    epoch or two, a useless candidate, and would take CPU from the trials still running. A trial's
+    cost is estimated from the trials so far (median set-up time, median epoch time after each one's
+    first epoch); before any epoch has ended every trial may start. When none fits, the searcher is
+    finished: the running trials go on to the deadline and the search ends with them."""
+
+    def __init__(self, searcher: Searcher, min_epochs: int):
+        self.searcher, self.min_epochs = searcher, min_epochs
+        self.epoch_times: dict[str, list[float]] = {}
+        self.setup_times: dict[str, float] = {}
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return self.searcher.set_max_concurrency(max_concurrent)
+
+    def suggest(self, trial_id: str):
+        needed = self.seconds_needed()
+        deadline = search_deadline()
+        if needed is not None and deadline is not None and time.time() + needed > deadline:
+            log.warning("time budget: %.0f s left, a new trial needs about %.0f s for %d epoch(s); no more trials "
+                        "start", deadline - time.time(), needed, self.min_epochs)
+            return Searcher.FINISHED
+        return self.searcher.suggest(trial_id)
+
+    def seconds_needed(self) -> float | None:
+        """What a new trial's set-up and min_epochs epochs take at the pace seen so far (with the trials'
+        own margin), or None before any trial has finished an epoch."""
+        paces = [t for times in self.epoch_times.values() for t in (times[1:] or times)]
+        if not paces:
+            return None
+        setup = statistics.median(self.setup_times.values()) if self.setup_times else 0.0
+        return setup + DEADLINE_MARGIN * self.min_epochs * statistics.median(paces)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if "epoch_time_s" in result:
+            self.epoch_times.setdefault(trial_id, []).append(float(result["epoch_time_s"]))
+            self.setup_times[trial_id] = float(result.get("setup_time_s", 0.0))
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def add_evaluated_point(self, *args, **kwargs):
+        return self.searcher.add_evaluated_point(*args, **kwargs)
+
+    def get_state(self) -> dict:
+        return {"min_epochs": self.min_epochs, "epoch_times": self.epoch_times, "setup_times": self.setup_times}
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+    def on_pause(self, trial_id: str) -> None:
+        self.searcher.on_pause(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        self.searcher.on_unpause(trial_id)
+
+
+def _progress(console, spec: SearchSpec, total: int) -> list:
+    if console is None:
+        return []
+    searched = [p.name for p in spec.params if p.kind != "fixed"]
+    return [ProgressTable(console, searched, spec.experiment.metric, total)]
 
 
 def _checkpoint_config(e) -> tune.CheckpointConfig:

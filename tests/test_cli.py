@@ -13,6 +13,7 @@ import torch
 
 from data_pipeline.coco import CocoSegmentation
 from data_pipeline.submission import read_submission
+from search.experiment import read_trials
 
 from .conftest import ROOT, cache_unreadable_weights, run_cli
 
@@ -53,8 +54,17 @@ def test_search_writes_a_leaderboard_with_early_stopped_trials(experiment):
     path, result = experiment
     rows = _leaderboard(path)
     assert len(rows) == 6
-    assert list(rows[0]) == ["trial_id", "decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize",
-                             "lr", "best_val_miou", "epochs", "status", "time_s"]
+    columns = list(rows[0])
+    assert columns[:2] == ["experiment", "trial_id"] and {r["experiment"] for r in rows} == {"e2e"}
+    assert [c for c in columns if c in TINY_PARAMS + ("resize", "batch_size")] == list(
+        TINY_PARAMS[:4]) + ["augmentation", "resize", "lr", "batch_size"]  # every parameter the space sets
+    assert {"best_val_miou", "best_epoch", "val_image_miou", "val_loss", "checkpoint", "space", "dataset",
+            "started", "iou_Background"} <= set(columns)
+    assert {r["batch_size"] for r in rows} == {"8"} and {r["space"] for r in rows} == {str(path.parent.parent / "space.yaml")}
+    for r in rows:
+        assert 1 <= int(r["best_epoch"]) <= int(r["epochs"]) and (Path(r["checkpoint"]) / "model.pt").is_file()
+        lr = next(t.config["lr"] for t in read_trials(path) if t.trial_id == r["trial_id"])
+        assert float(r["lr"]) == lr  # exact, not rounded
     statuses = [r["status"] for r in rows]
     assert "stopped early" in statuses and "finished" in statuses, statuses
     assert all(int(r["epochs"]) == 3 for r in rows if r["status"] == "finished")
@@ -73,9 +83,44 @@ def test_search_writes_a_leaderboard_with_early_stopped_trials(experiment):
     assert (Path(best.group(4)) / "model.pt").is_file()
 
 
-def test_the_first_trial_is_the_one_the_space_names(experiment):
-    from search.experiment import read_trials
+def test_the_console_shows_a_progress_table_and_the_log_holds_everything(experiment):
+    path, result = experiment
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 60 and "Traceback" not in result.stdout + result.stderr, result.stdout
+    header = next(line for line in lines if line.startswith("trial "))
+    assert all(name in header for name in ("decoder", "backbone", "loss", "augmentation", "lr", "best_val_miou"))
+    log = (path / "driver.log").read_text()
+    assert any(line.startswith("Full output: ") for line in lines) and header in log and "Leaderboard" in log
+    assert "Trial status" in log or "trial" in log.lower()  # Tune's own output went to the log only
+    assert not any("Checkpoint successfully created" in line for line in lines)
 
+
+def test_the_optuna_study_is_kept_in_the_experiment_and_every_storage_leaderboard(experiment):
+    import optuna
+
+    path, _ = experiment
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{path / 'optuna.db'}")
+    assert len(study.trials) == len(_leaderboard(path))
+    every = _leaderboard(path.parent)  # runs/leaderboard.csv: all experiments under the storage folder
+    assert {r["experiment"] for r in every} >= {"e2e"} and len([r for r in every if r["experiment"] == "e2e"]) == 6
+
+
+def test_a_warm_start_begins_with_the_best_configurations_of_an_earlier_experiment(experiment, sample_root):
+    path, _ = experiment
+    best = read_trials(path)
+    best = min((t for t in best if t.checkpoint), key=lambda t: t.sort_key())
+    space = path.parent.parent / "warm.yaml"
+    space.write_text(TINY_SPACE.replace("num_samples: 6, max_epochs: 3", "num_samples: 1, max_epochs: 1"))
+    storage = path.parent.parent / "warm-runs"  # not beside e2e: other tests take the most recent experiment there
+    result = run_cli("launch.py", "--space", space, "--data", sample_root, "--storage", storage, "--name", "warm",
+                     "--warm-start", path, "--no-wandb")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Warm start: the first" in result.stdout
+    [trial] = read_trials(storage / "warm")
+    assert all(trial.config[k] == best.config[k] for k in TINY_PARAMS if k in best.config)
+
+
+def test_the_first_trial_is_the_one_the_space_names(experiment):
     path, _ = experiment
     wanted = {"decoder": "FPN", "backbone": "mobilenet_v2", "loss": "ce", "augmentation": "none", "lr": 0.005}
     matching = [t for t in read_trials(path) if all(t.config.get(k) == v for k, v in wanted.items())]
@@ -109,7 +154,15 @@ def test_ensemble_writes_a_submission_in_test_order(experiment, sample_root):
     weights = [m["weight"] for m in summary["members"]]
     assert abs(sum(weights) - 1) < 1e-9 and len(weights) <= 5
     assert summary["val_miou"] >= max(m["val_miou"] for m in summary["members"])
-    assert summary["selection_path"][0]["val_miou"] == max(m["val_miou"] for m in summary["members"])
+    best_member = max(m["val_miou"] for m in summary["members"])
+    assert summary["selection"]["best_member_val_miou"] == best_member
+    assert summary["selection_path"][0]["val_miou"] >= best_member
+    assert summary["selection"]["tried"]["best member"] <= summary["selection_val_miou"]
+    assert summary["selection"]["gain_over_best_member"] == summary["selection_val_miou"] - best_member
+    # a subset of several members is tried only when it scores above every member alone
+    combined = "best subset" in summary["selection"]["tried"]
+    assert combined <= (summary["selection_val_miou"] > best_member)
+    assert (summary["selection_val_miou"] > best_member) == (summary["selection"]["members_with_weight"] > 1)
     assert len({m["config"]["backbone"] for m in summary["members"]}) == 1
 
 
@@ -120,7 +173,7 @@ def test_per_class_refinement_reports_class_weights_and_never_scores_below_greed
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.with_name("ensemble.json").read_text())
     class_names = list(summary["per_class_iou"])
-    assert summary["val_miou"] >= summary["greedy_val_miou"]
+    assert summary["val_miou"] >= summary["selection_val_miou"]
     assert all(list(m["weight"]) == class_names for m in summary["members"])  # one weight per class
     assert all(list(m["per_class_iou"]) == class_names for m in summary["members"])
     assert ("Per-class ensemble val mIoU" in result.stdout) == bool(summary["per_class_path"])
@@ -196,6 +249,38 @@ def test_launch_rejects_bad_arguments_in_one_line(args, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_plan_whose_trials_need_more_cpus_than_the_machine_has_is_refused_before_ray(sample_root, tmp_path):
+    import os
+
+    (tmp_path / "space.yaml").write_text(f"experiment: {{cpus_per_trial: {(os.cpu_count() or 1) + 1}}}\n"
+                                         "space: {decoder: Unet, backbone: resnet18}\n")
+    result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root, "--dry-run",
+                     "--storage", tmp_path / "runs", timeout=120)
+    assert result.returncode == 2 and "experiment.cpus_per_trial is" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_of_symbolic_links_passes_the_dry_run(sample_root, tmp_path):
+    # Kaggle and Colab mount data as links: every image folder and annotation file here is one.
+    data = tmp_path / "data"
+    data.mkdir()
+    for entry in sample_root.iterdir():
+        (data / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    result = run_cli("launch.py", "--data", data, "--dry-run", "--storage", tmp_path / "runs", timeout=120)
+    assert result.returncode == 0 and "Dry run: nothing started." in result.stdout, result.stderr[-2000:]
+
+
+def test_a_condition_that_can_never_hold_and_wandb_online_without_credentials_are_warned_of(sample_root, tmp_path):
+    (tmp_path / "space.yaml").write_text(
+        "space: {decoder: Unet, backbone: resnet18, loss: ce, focal_gamma: {uniform: [0.5, 2.0], when: {loss: focal}}}\n")
+    result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root, "--dry-run",
+                     "--wandb", "online", "--storage", tmp_path / "runs", timeout=120,
+                     env={"HOME": str(tmp_path), "WANDB_API_KEY": "", "NETRC": str(tmp_path / "none")})
+    assert result.returncode == 0, result.stderr
+    assert "space.focal_gamma is never sampled: its `when` needs loss in ['focal']" in result.stderr
+    assert "wandb is online but no credentials were found" in result.stderr
 
 
 def test_the_class_filter_is_fitted_on_val_and_applied_to_the_test_predictions(experiment):
@@ -378,3 +463,47 @@ def test_ensemble_select_adds_the_ensemble_to_the_report(experiment):
 def test_report_of_a_folder_that_is_not_an_experiment_is_a_one_line_error(tmp_path):
     result = run_cli("-m", "search.report", tmp_path, timeout=120)
     assert result.returncode == 2 and "is not a Ray Tune experiment folder" in result.stderr
+
+
+def test_predict_labels_new_images_at_their_own_size_as_the_submission_does(experiment, sample_root, tmp_path):
+    import cv2
+
+    path, _ = experiment
+    assert run_cli("ensemble_select.py", "--experiment", path, "--topk", "3").returncode == 0
+    test = CocoSegmentation(sample_root, "test.json")
+    names = [test.file_name(i) for i in test.image_ids[:3]]
+    images = tmp_path / "new"
+    images.mkdir()
+    for name in names:
+        shutil.copy(sample_root / name, images / Path(name).name)
+    out = tmp_path / "predicted"
+    result = run_cli("predict.py", images, "--experiment", path, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    submission = dict(read_submission(path / "ensemble" / "submission.csv"))
+    legend = json.loads((out / "legend.json").read_text())
+    for name in names:
+        image = cv2.imread(str(images / Path(name).name))
+        labels = cv2.imread(str(out / f"{Path(name).stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert labels.shape == image.shape[:2] and labels.max() < len(legend)
+        assert cv2.imread(str(out / f"{Path(name).stem}_overlay.jpg")).shape == image.shape
+        # the submission labelled the same image at 256 x 256 with the same members and rules
+        at_256 = cv2.resize(labels, (256, 256), interpolation=cv2.INTER_NEAREST).reshape(-1)
+        assert (at_256 == submission[name]).mean() > 0.9
+    trial = _leaderboard(path)[0]["trial_id"]
+    single = run_cli("predict.py", images / Path(names[0]).name, "--experiment", path, "--trial", trial,
+                     "--out", tmp_path / "single")
+    assert single.returncode == 0 and (tmp_path / "single" / f"{Path(names[0]).stem}.png").is_file(), single.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.jpg"], "missing.jpg: no such file or folder"),
+    (["IMAGES", "--trial", "nope"], "--trial nope: no such trial"),
+])
+def test_predict_mistakes_are_one_line_errors(experiment, sample_root, tmp_path, args, message):
+    path, _ = experiment
+    test = CocoSegmentation(sample_root, "test.json")
+    image = sample_root / test.file_name(test.image_ids[0])
+    args = [str(image) if a == "IMAGES" else a for a in args]
+    result = run_cli("predict.py", *args, "--experiment", path, "--out", tmp_path / "out", timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

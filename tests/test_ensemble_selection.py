@@ -32,7 +32,7 @@ def test_starts_from_best_single_model_and_never_ends_below_it():
     members = [quantize(torch.from_numpy(rng.random((6, 4, 8, 8)))) for _ in range(4)]
     members.append(quantize(_one_hot_probs(labels, 4, 2.0, 5)))  # the best single member
     selection = greedy_selection(members, labels, 4, max_rounds=8)
-    assert selection.path[0]["member"] == 4
+    assert selection.path[0]["members"] == [4]
     assert selection.val_miou >= max(selection.member_miou)
     assert len(selection.path) == 8
 
@@ -65,9 +65,9 @@ def test_incremental_confusion_matrices_pick_the_same_path_as_recounting():
     members = [quantize(_one_hot_probs(labels.clamp(max=4), 5, noise, seed)) for noise, seed in
                ((1.0, 1), (2.0, 2), (3.0, 3), (1.5, 4))]
     selection = greedy_selection(members, labels, 5, max_rounds=6)
-    assert [s["member"] for s in selection.path] == _reference_greedy(members, labels, 5, 6)
+    assert [m for s in selection.path for m in s["members"]] == _reference_greedy(members, labels, 5, 6)
     for step in selection.path:
-        chosen = [s["member"] for s in selection.path[:step["round"]]]
+        chosen = [m for s in selection.path[:step["round"]] for m in s["members"]]
         assert abs(ensemble_miou([(1.0, members[i]) for i in chosen], labels, 5) - step["val_miou"]) < 1e-12
 
 
@@ -78,7 +78,7 @@ def test_ties_between_classes_do_not_change_the_path():
         labels = torch.randint(0, 4, (6, 10, 10), generator=g)
         members = [quantize(torch.randint(0, 3, (6, 4, 10, 10), generator=g).float() / 2) for _ in range(4)]
         selection = greedy_selection(members, labels, 4, max_rounds=6)
-        assert [s["member"] for s in selection.path] == _reference_greedy(members, labels, 4, 6)
+        assert [m for s in selection.path for m in s["members"]] == _reference_greedy(members, labels, 4, 6)
 
 
 def test_greedy_reaches_the_best_small_integer_weighting_found_by_brute_force():
@@ -168,12 +168,72 @@ def test_a_latency_budget_keeps_expensive_members_out():
     members = [quantize(_one_hot_probs(labels, 3, noise, seed)) for noise, seed in ((4.0, 1), (0.5, 2), (3.0, 3))]
     costs = [1.0, 5.0, 1.5]  # member 1, the best alone, is the slowest
     free = greedy_selection(members, labels, 3, max_rounds=4)
-    assert free.path[0]["member"] == 1
+    assert free.path[0]["members"] == [1]
     capped = greedy_selection(members, labels, 3, max_rounds=4, costs=costs, budget=2.5)
-    used = {step["member"] for step in capped.path}
+    used = {m for step in capped.path for m in step["members"]}
     assert 1 not in used and sum(costs[m] for m in used) <= 2.5
-    assert capped.path[0]["member"] == max((0, 2), key=lambda m: capped.member_miou[m])
+    assert capped.path[0]["members"] == [max((0, 2), key=lambda m: capped.member_miou[m])]
     refined = per_class_selection(members, labels, 3, capped.counts, max_rounds=4, costs=costs, budget=2.5)
     assert all(refined.counts[1][c] == 0 for c in range(3))
     with pytest.raises(OverBudget, match="cheapest costs 1"):
         greedy_selection(members, labels, 3, costs=costs, budget=0.5)
+
+
+def _majority_case():
+    """Three members, each confidently wrong on its own band of columns and right elsewhere: any pair keeps
+    both members' mistakes (each one's wrong class outweighs the other's right one), so every pair scores
+    below the best member and greedy never adds a second; all three together outvote every mistake."""
+    labels = torch.randint(0, 3, (4, 12, 12), generator=torch.Generator().manual_seed(4))
+    wrong = (labels + 1) % 3
+    members = []
+    for band in (slice(0, 3), slice(3, 7), slice(7, 11)):  # member 0 errs least: the best alone
+        probs = torch.full((4, 3, 12, 12), 0.1)
+        probs.scatter_(1, labels[:, None], 0.8)
+        err = torch.full((4, 3, 12, 12), 0.05).scatter_(1, wrong[:, None], 0.9)
+        probs[..., band] = err[..., band]
+        members.append(quantize(probs))
+    return labels, members
+
+
+def test_a_combination_behind_a_dip_is_found_that_greedy_from_the_best_member_misses():
+    import itertools
+
+    from models.ensemble import ensemble_selection
+
+    labels, members = _majority_case()
+    greedy = greedy_selection(members, labels, 3, max_rounds=6)
+    assert sum(1 for c in greedy.counts if c) == 1  # plain greedy stays at the best member
+    pairs = [ensemble_miou([(1.0, members[a]), (1.0, members[b])], labels, 3)
+             for a, b in itertools.combinations(range(3), 2)]
+    assert max(pairs) < max(greedy.member_miou)  # the dip
+    brute = max(ensemble_miou([(1.0, members[m]) for m in subset], labels, 3)
+                for n in (1, 2, 3) for subset in itertools.combinations(range(3), n))
+    assert brute > greedy.val_miou
+    selection = ensemble_selection(members, labels, 3, max_rounds=6)
+    assert selection.val_miou >= brute
+    assert selection.start == "best subset" and selection.path[0]["members"] == [0, 1, 2]
+    assert selection.tried == {"best member": greedy.val_miou, "best subset": selection.val_miou}
+    assert abs(ensemble_miou(list(zip(selection.counts, members)), labels, 3) - selection.val_miou) < 1e-12
+    assert sum(1 for w in selection.weights if w) >= 2
+
+
+def test_without_a_better_combination_the_selection_is_plain_greedy():
+    from models.ensemble import ensemble_selection
+
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 4, (6, 8, 8)))
+    members = [quantize(torch.from_numpy(rng.random((6, 4, 8, 8)))) for _ in range(3)]
+    members.append(quantize(_one_hot_probs(labels, 4, 0.5, 5)))  # far better than the noise members
+    selection = ensemble_selection(members, labels, 4, max_rounds=4)
+    assert selection.start == "best member" and list(selection.tried) == ["best member"]
+    assert selection.counts == [0, 0, 0, 1] and selection.val_miou == max(selection.member_miou)
+    assert selection.stopped.startswith("no round after round 1 raised val mIoU")
+
+
+def test_the_subset_start_keeps_to_a_latency_budget():
+    from models.ensemble import best_subset
+
+    labels, members = _majority_case()
+    miou = [ensemble_miou([(1.0, m)], labels, 3) for m in members]
+    assert best_subset(members, labels, 3, miou) == [0, 1, 2]
+    assert len(best_subset(members, labels, 3, miou, costs=[1.0, 1.0, 1.0], budget=2.0)) == 1

@@ -336,7 +336,7 @@ def test_a_search_joining_a_two_node_cluster_runs_trials_on_both_and_writes_one_
         cluster.shutdown()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     experiment = tmp_path / "runs" / "two-nodes"
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["two-nodes"]  # one experiment for both nodes
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()] == ["two-nodes"]  # one experiment for both nodes
     results = [t.last_result for t in ExperimentAnalysis(str(experiment)).trials]
     assert len(results) == 4 and all(r.get("val_miou") is not None for r in results)
     assert {r["node_id"] for r in results} == nodes and len(nodes) == 2  # trials ran on both nodes
@@ -344,8 +344,9 @@ def test_a_search_joining_a_two_node_cluster_runs_trials_on_both_and_writes_one_
 
 
 def test_a_time_budget_ends_the_search_with_trials_that_planned_their_end_and_kept_their_best(sample_root, tmp_path):
+    # Two trials at once; the other two would start in the budget's last seconds and are never begun.
     (tmp_path / "space.yaml").write_text(
-        "experiment: {num_samples: 2, max_epochs: 500, scheduler: fifo, cpus_per_trial: 1}\n"
+        "experiment: {num_samples: 4, max_epochs: 500, scheduler: fifo, cpus_per_trial: 1}\n"
         "space: {decoder: Unet, backbone: resnet18, resize: 64, batch_size: 8, lr: {loguniform: [1.0e-3, 3.0e-3]}}\n")
     started = time.monotonic()
     result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", sample_root, "--time-budget", "40s",
@@ -355,6 +356,8 @@ def test_a_time_budget_ends_the_search_with_trials_that_planned_their_end_and_ke
     with open(tmp_path / "runs" / "budget" / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(0 < int(r["epochs"]) < 500 for r in rows if r["best_val_miou"])
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"cut by budget"}
+    assert "no more trials start" in (tmp_path / "runs" / "budget" / "driver.log").read_text()
     assert json.loads((tmp_path / "runs" / "budget" / "launch.json").read_text())["time_budget_s"] == 40
     from ray.tune import ExperimentAnalysis
 
@@ -367,3 +370,30 @@ def test_a_time_budget_ends_the_search_with_trials_that_planned_their_end_and_ke
 def test_a_bad_time_budget_is_a_usage_error(value, tmp_path):
     result = run_cli("launch.py", "--time-budget", value, "--dry-run", "--storage", tmp_path)
     assert result.returncode == 2 and "argument --time-budget:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_budget_limiter_starts_no_trial_that_cannot_train_its_minimum_epochs(monkeypatch, tmp_path):
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search.space import SpaceSampler
+    from search.trainable import DEADLINE_ENV
+    from search.tune_runner import BudgetLimiter
+
+    (tmp_path / "space.yaml").write_text("experiment: {max_epochs: 8, scheduler: fifo}\n"
+                                         "space: {lr: {loguniform: [1.0e-4, 1.0e-2]}}\n")
+    spec = load_space(tmp_path / "space.yaml")
+    assert spec.experiment.useful_epochs == 2  # a quarter of max_epochs
+    optuna = OptunaSearch(space=SpaceSampler(spec.params, {}), metric="val_miou", mode="max", seed=0)
+    limiter = BudgetLimiter(ConcurrencyLimiter(optuna, max_concurrent=4), spec.experiment.useful_epochs)
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + 100))
+    assert "lr" in limiter.suggest("a")  # no pace known yet: the first trials start
+    for epoch, epoch_time in enumerate((30.0, 20.0, 20.0), 1):  # the first epoch (slower: it warms up) is left out
+        limiter.on_trial_result("a", {"epoch_time_s": epoch_time, "setup_time_s": 5.0, "val_miou": 0.1,
+                                      "training_iteration": epoch})
+    assert limiter.seconds_needed() == 5.0 + 1.1 * 2 * 20.0
+    assert "lr" in limiter.suggest("b")  # 49 s needed, 100 s left
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + 40))
+    assert limiter.suggest("c") == Searcher.FINISHED
+    monkeypatch.delenv(DEADLINE_ENV)
+    assert "lr" in limiter.suggest("d")  # no budget, no limit

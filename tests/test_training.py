@@ -31,7 +31,9 @@ def test_training_lowers_the_loss_and_evaluation_reports_bounded_metrics(sample_
     losses = [train_epoch(model, loader, loss_fn, optimizer, "cpu", DEFAULT_NORMALIZATION) for _ in range(6)]
     assert losses[-1] < 0.7 * losses[0], losses
     metrics = evaluate(model, loader, num_classes, "cpu", DEFAULT_NORMALIZATION)
-    assert set(metrics) == {"val_miou", "val_image_miou", "val_pixel_acc", "val_loss"}
+    assert set(metrics) == {"val_miou", "val_image_miou", "val_pixel_acc", "val_loss", "val_class_iou"}
+    ious = [v for v in metrics["val_class_iou"] if v is not None]
+    assert len(metrics["val_class_iou"]) == num_classes and abs(sum(ious) / len(ious) - metrics["val_miou"]) < 1e-9
     assert 0 < metrics["val_image_miou"] <= 1
     assert 0 < metrics["val_miou"] <= 1 and 0 < metrics["val_pixel_acc"] <= 1 and metrics["val_loss"] > 0
 
