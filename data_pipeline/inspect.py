@@ -143,11 +143,18 @@ def write_grid(path: Path, coco: CocoSegmentation, samples: int = GRID_SAMPLES) 
     write_atomically(Path(path), png.tobytes())
 
 
+# A qualitative palette (matplotlib's tab20, dark and light pairs apart): neighbouring labels differ in hue.
+QUALITATIVE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120), (152, 223, 138),
+               (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (219, 219, 141), (158, 218, 229)]
+
+
 def palette(num_classes: int) -> np.ndarray:
-    """RGB uint8 [256, 3]: labels 1..K spread over the turbo colour map, IGNORE grey."""
+    """RGB uint8 [256, 3]: background black, labels 1..K in a qualitative palette (repeating after 18),
+    IGNORE grey. The inspector's grid, the report's figures and predict.py's overlays share it."""
     colours = np.zeros((256, 3), np.uint8)
-    steps = np.linspace(40, 240, max(num_classes - 1, 1)).astype(np.uint8)[:, None]  # turbo is near black below 40
-    colours[1:num_classes] = cv2.applyColorMap(steps, cv2.COLORMAP_TURBO)[:, 0, ::-1][: num_classes - 1]
+    for label in range(1, num_classes):
+        colours[label] = QUALITATIVE[(label - 1) % len(QUALITATIVE)]
     colours[IGNORE] = IGNORE_COLOUR
     return colours
 

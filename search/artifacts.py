@@ -17,7 +17,7 @@ from labels import IGNORE
 from .experiment import TrialRecord
 from .space import TRIAL_PARAMS
 
-SLICED = ("decoder", "backbone", "loss", "focal_gamma", "augmentation", "resize", "crop", "unknown")
+IMPORTANCE_TRIALS = 20  # below this many trials, importances are a rough ranking and the report says so
 
 
 def histories(experiment: Path) -> dict[str, list[dict]]:
@@ -90,15 +90,31 @@ def _distribution(values: list):
     return optuna.distributions.CategoricalDistribution(sorted({_encode(v) for v in values}, key=str))
 
 
-def slice_groups(trials: list[TrialRecord]) -> dict[str, dict[str, list[float]]]:
-    """For each sliced parameter that varied: {its value as a label: the best values of its trials}."""
+def slice_groups(trials: list[TrialRecord]) -> dict[str, dict]:
+    """For each searched parameter that varied: {"continuous": False, "groups": {value label: the best
+    values of its trials}} for a choice, {"continuous": True, "x": values, "y": best values, "log": bool}
+    for a number that takes many values (lr, weight decay, focal gamma)."""
     scored = [t for t in trials if not math.isnan(t.best)]
-    groups = {}
-    for name in (n for n in SLICED if n in searched_params(scored)):
-        groups[name] = {}
-        for t in scored:
-            groups[name].setdefault(value_label(t.config.get(name)), []).append(t.best)
-    return groups
+    slices = {}
+    for name, values in searched_params(scored).items():
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) == len(values) and any(isinstance(v, float) for v in numbers) and len(set(numbers)) > 3:
+            low, high = min(numbers), max(numbers)
+            slices[name] = {"continuous": True, "x": numbers, "y": [t.best for t in scored],
+                            "log": low > 0 and high / low > 10}
+            continue
+        groups: dict[str, list[float]] = {}
+        for t, value in zip(scored, values):
+            groups.setdefault(value_label(value), []).append(t.best)
+        slices[name] = {"continuous": False, "groups": groups}
+    return slices
+
+
+def trial_labels(trials: list[TrialRecord]) -> dict[str, str]:
+    """A legend label per trial: its id and the parameters that differ between the trials."""
+    params = searched_params(trials)
+    return {t.trial_id: " ".join([t.trial_id, *(f"{n}={value_label(v[i])}" for n, v in params.items())])
+            for i, t in enumerate(trials)}
 
 
 def value_label(value) -> str:
@@ -164,7 +180,17 @@ def worst_images(summary: dict, count: int = 6) -> dict:
         wrong = valid & (truth[i] != predicted[i])
         confusions = _top_confusions(truth[i][wrong], predicted[i][wrong], names, valid.sum())
         worst.append({"index": i, "miou": float(scores[i]), "confusions": confusions})
+    files = _val_file_names(summary)
+    for w in worst:
+        w["file_name"] = files[w["index"]]
     return {"names": names, "images": images, "truth": truth, "predicted": predicted, "worst": worst}
+
+
+def _val_file_names(summary: dict) -> list[str]:
+    from data_pipeline.trial_data import DataSpec
+
+    member = summary["members"][0]
+    return list(DataSpec.from_config(member["config"], summary["data_root"]).val_split(summary["size"]).file_names)
 
 
 def _top_confusions(truth: np.ndarray, predicted: np.ndarray, names: list[str], valid: int) -> list[str]:

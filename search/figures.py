@@ -24,16 +24,24 @@ def _save(fig, directory: Path, name: str) -> str:
     return name
 
 
-def learning_curves(curves: dict, metric: str, directory: Path) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4))
+MARKERS = {"stopped early": ("x", "stopped early by ASHA"), "cut by budget": ("|", "cut by the time budget")}
+
+
+def learning_curves(curves: dict, metric: str, labels: dict[str, str], directory: Path) -> str:
+    """Each trial's metric per epoch, named by its varying parameters; the end of a trial that ASHA
+    stopped or the time budget cut is marked (and the marks explained in the title)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    marked = set()
     for trial_id, curve in curves.items():
         epochs, values = curve["epochs"], curve["values"]
-        line, = ax.plot(epochs, values, marker=".", linewidth=1, label=trial_id)
-        if curve["status"] == "stopped early" and epochs:
-            ax.plot(epochs[-1], values[-1], "x", color=line.get_color(), markersize=9)
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (x: stopped early by ASHA)")
+        line, = ax.plot(epochs, values, marker=".", linewidth=1, label=labels.get(trial_id, trial_id))
+        if curve["status"] in MARKERS and epochs:
+            ax.plot(epochs[-1], values[-1], MARKERS[curve["status"]][0], color=line.get_color(), markersize=10)
+            marked.add(curve["status"])
+    marks = "; ".join(f"{MARKERS[s][0]}: {MARKERS[s][1]}" for s in sorted(marked))
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch" + (f" ({marks})" if marks else ""))
     if len(curves) <= 12:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=1 if len(curves) <= 6 else 2)
     return _save(fig, directory, "curves.png")
 
 
@@ -44,31 +52,39 @@ def progress(points: dict, metric: str, directory: Path) -> str:
     return _save(fig, directory, "progress.png")
 
 
-def importances(scores: dict[str, float], directory: Path) -> str | None:
+def importances(scores: dict[str, float], trials: int, few: int, directory: Path) -> str | None:
     if not scores:
         return None
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(scores) + 1))
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(scores) + 1.2))
     names = list(scores)[::-1]
     ax.barh(names, [scores[n] for n in names])
-    ax.set(xlabel="importance (Optuna, sums to 1)", title="What mattered")
+    caveat = f"\nfrom {trials} trials: a rough ranking (fewer than {few})" if trials < few else f" ({trials} trials)"
+    ax.set(xlabel="importance (Optuna, sums to 1)", title="What mattered" + caveat)
     return _save(fig, directory, "importance.png")
 
 
-def slices(groups: dict[str, dict[str, list[float]]], metric: str, directory: Path) -> str | None:
-    """Each trial's best value against its decoder, backbone, loss, ... (search.artifacts.slice_groups)."""
-    if not groups:
+def slices(slices: dict[str, dict], metric: str, directory: Path) -> str | None:
+    """Each trial's best value against each searched parameter (search.artifacts.slice_groups): a column
+    of points per value of a choice, a scatter (log axis where the range is wide) for a number."""
+    if not slices:
         return None
-    columns = min(3, len(groups))
-    rows = math.ceil(len(groups) / columns)
+    columns = min(3, len(slices))
+    rows = math.ceil(len(slices) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3 * rows), sharey=True, squeeze=False)
-    for ax in axes.flat[len(groups):]:
+    for ax in axes.flat[len(slices):]:
         ax.set_visible(False)
-    for ax, (name, by_value) in zip(axes.flat, groups.items()):
-        labels = sorted(by_value)
-        for x, label in enumerate(labels):
-            ax.plot([x] * len(by_value[label]), by_value[label], "o", alpha=0.7)
-        ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
-        ax.set_xlim(-0.5, len(labels) - 0.5)
+    for ax, (name, data) in zip(axes.flat, slices.items()):
+        if data["continuous"]:
+            ax.plot(data["x"], data["y"], "o", alpha=0.7)
+            if data["log"]:
+                ax.set_xscale("log")
+            ax.tick_params(axis="x", labelsize=8)
+        else:
+            labels = sorted(data["groups"])
+            for x, label in enumerate(labels):
+                ax.plot([x] * len(data["groups"][label]), data["groups"][label], "o", alpha=0.7)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_title(name, fontsize=9)
     for row in axes:
         row[0].set_ylabel(f"best {metric}")
@@ -131,23 +147,34 @@ def unknown(data: dict, directory: Path) -> str:
 
 
 def worst_images(data: dict, directory: Path) -> str:
-    """Image, ground truth, prediction and wrong pixels of each of the worst val images
+    """Image, ground truth, prediction and wrong pixels of each of the worst val images, named by file,
+    in the class palette of the dataset inspector's grid, with a legend of the classes shown
     (search.artifacts.worst_images)."""
-    images, truth, predicted = data["images"], data["truth"], data["predicted"]
-    colours = plt.get_cmap("tab20", max(len(data["names"]), 2))
-    fig, axes = plt.subplots(len(data["worst"]), 4, figsize=(10, 2.8 * len(data["worst"])), squeeze=False)
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from data_pipeline.inspect import palette
+
+    images, truth, predicted, names = data["images"], data["truth"], data["predicted"], data["names"]
+    colours = ListedColormap(palette(len(names))[:len(names)] / 255)
+    fig, axes = plt.subplots(len(data["worst"]), 4, figsize=(10, 2.8 * len(data["worst"]) + 0.8), squeeze=False)
+    shown = set()
     for row, image in zip(axes, data["worst"]):
         i = image["index"]
         valid = truth[i] != IGNORE
         wrong = valid & (truth[i] != predicted[i])
-        titles = [f"val #{i}: mIoU {image['miou']:.3f}", "ground truth", "ensemble",
+        shown |= set(np.unique(truth[i][valid]).tolist()) | set(np.unique(predicted[i]).tolist())
+        titles = [f"{image.get('file_name', f'val #{i}')}\nmIoU {image['miou']:.3f}", "ground truth", "ensemble",
                   "wrong pixels:\n" + "\n".join(image["confusions"][:2])]
         row[0].imshow(images[i])
-        row[1].imshow(np.ma.masked_where(~valid, truth[i]), cmap=colours, vmin=0, vmax=colours.N - 1,
+        row[1].imshow(np.ma.masked_where(~valid, truth[i]), cmap=colours, vmin=0, vmax=len(names) - 1,
                       interpolation="nearest")
-        row[2].imshow(predicted[i], cmap=colours, vmin=0, vmax=colours.N - 1, interpolation="nearest")
+        row[2].imshow(predicted[i], cmap=colours, vmin=0, vmax=len(names) - 1, interpolation="nearest")
         row[3].imshow(wrong, cmap="Reds", vmin=0, vmax=1)
         for ax, title in zip(row, titles):
             ax.set_title(title, fontsize=8)
             ax.axis("off")
+    handles = [Patch(color=colours(c), label=names[c]) for c in sorted(shown) if c < len(names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (2.8 * len(data["worst"]) + 0.8), 1, 1))
     return _save(fig, directory, "worst_images.png")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -
     summary = artifacts.read_summary(ensemble_summary or experiment / "ensemble" / "ensemble.json")
     data = _report_data(experiment, trials, summary)
     rows = leaderboard_rows(trials, experiment)
-    sections = [("Trials", _table(rows, varying_columns(rows))), *_sections(data, summary, directory)]
+    where = (f"<p>Space {html.escape(rows[0]['space'])}, data {html.escape(rows[0]['dataset'])}, started "
+             f"{html.escape(rows[0]['started'])}; every column in leaderboard.csv.</p>" if rows and rows[0]["space"] else "")
+    sections = [("Trials", where + _table(rows, varying_columns(rows))), *_sections(data, summary, directory)]
     numbers = {**{k: v for k, v in data.items() if k != "worst_arrays"},
                "unknown": {k: data["unknown"][k] for k in ("trials", "curves")} if data["unknown"] else {}}
     write_atomically(directory / "report.json", json.dumps(numbers, indent=2, default=str))
@@ -66,6 +69,7 @@ def _report_data(experiment: Path, trials, summary: dict | None) -> dict:
     return {"trials": [t.trial_id for t in trials], "metric": trials[0].metric,
             "curves": artifacts.curves(trials, runs), "progress": artifacts.progress(trials, runs),
             "importances": artifacts.importances(trials), "slices": artifacts.slice_groups(trials),
+            "labels": artifacts.trial_labels(trials), "scored_trials": sum(1 for t in trials if not math.isnan(t.best)),
             "ensemble": bool(summary), "worst_images": worst["worst"] if worst else [], "worst_arrays": worst,
             "unknown": artifacts.unknown_data(trials, summary) or {}}
 
@@ -73,12 +77,17 @@ def _report_data(experiment: Path, trials, summary: dict | None) -> dict:
 def _sections(data: dict, summary: dict | None, directory: Path) -> list[tuple[str, str]]:
     """The page's sections after the trials table: (title, HTML with its figures)."""
     metric = data["metric"]
-    curves = [figures.learning_curves(data["curves"], metric, directory),
+    curves = [figures.learning_curves(data["curves"], metric, data["labels"], directory),
               figures.progress(data["progress"], metric, directory)]
-    mattered = [figures.importances(data["importances"], directory), figures.slices(data["slices"], metric, directory)]
+    trials, few = data["scored_trials"], artifacts.IMPORTANCE_TRIALS
+    mattered = [figures.importances(data["importances"], trials, few, directory),
+                figures.slices(data["slices"], metric, directory)]
+    caveat = (f"<p>Importances from {trials} trials are a rough ranking: Optuna's evaluator needs many more trials "
+              f"than parameters ({few} or more here) before its order means much; read them with the slices.</p>"
+              if data["importances"] and trials < few else "")
     sections = [
         ("Learning curves", _images(curves)),
-        ("What mattered", _images(mattered) or "<p>Too few trials or nothing varied: no importances.</p>"),
+        ("What mattered", caveat + _images(mattered) or "<p>Too few trials or nothing varied: no importances.</p>"),
         ("Ensemble", _ensemble_text(summary) + _images(figures.ensemble(summary, directory)) if summary
          else "<p>No ensemble yet: run ensemble_select.py.</p>"),
     ]
@@ -111,7 +120,9 @@ def _ensemble_text(summary: dict) -> str:
                         if _weight(m["weight"]) != "0")
     return (f"<p>Backbone {html.escape(str(summary['backbone']))}: val mIoU {summary['val_miou']:.4f} "
             f"(best single {max(m['val_miou'] for m in summary['members']):.4f}); members {html.escape(weights)}; "
-            f"{summary.get('ms_per_image', 0):.1f} ms per image.</p>")
+            f"{summary.get('ms_per_image', 0):.1f} ms per image."
+            + (f" Selection started from the {html.escape(selection['start'])}; it stopped because "
+               f"{html.escape(selection['stopped'])}." if (selection := summary.get("selection")) else "") + "</p>")
 
 
 def _weight(weight) -> str:

@@ -440,6 +440,11 @@ def test_the_search_writes_a_report_whose_figures_hold_every_trial(experiment):
         assert r["trial_id"] in report.read_text()
     assert abs(sum(data["importances"].values()) - 1) < 1e-6 and set(data["importances"]) <= set(TINY_PARAMS)
     assert abs(max(data["progress"]["best"]) - max(float(r["best_val_miou"]) for r in rows)) < 1e-4
+    # lr, a continuous parameter, gets a scatter slice (log axis over 1e-3..1e-2); choices get groups
+    assert data["slices"]["lr"]["continuous"] and len(data["slices"]["lr"]["x"]) == len(rows)
+    assert not data["slices"]["decoder"]["continuous"] and set(data["slices"]["decoder"]["groups"]) <= {"Unet", "FPN"}
+    assert "Importances from 6 trials are a rough ranking" in report.read_text()  # 6 < IMPORTANCE_TRIALS
+    assert all(label.startswith(tid) and "decoder=" in label for tid, label in data["labels"].items())
 
 
 def test_ensemble_select_adds_the_ensemble_to_the_report(experiment):
@@ -458,6 +463,8 @@ def test_ensemble_select_adds_the_ensemble_to_the_report(experiment):
     scores = [w["miou"] for w in worst]
     assert 0 < len(worst) <= 6 and scores == sorted(scores) and all(0 <= v <= 1 for v in scores)
     assert all(w["confusions"] and "→" in w["confusions"][0] for w in worst if w["miou"] < 1)
+    val = CocoSegmentation(Path(summary["data_root"]), "val.json")
+    assert {w["file_name"] for w in worst} <= {val.file_name(i) for i in val.image_ids}  # named by file
 
 
 def test_report_of_a_folder_that_is_not_an_experiment_is_a_one_line_error(tmp_path):

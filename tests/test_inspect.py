@@ -59,3 +59,15 @@ def test_class_map_is_applied_and_its_errors_are_fatal(sample_root, tmp_path):
     strict.write_text("map: {Paper: Paper}\nunmapped: error\n")
     result = run_cli("-m", "data_pipeline.inspect", sample_root, "--class-map", strict)
     assert result.returncode == 2 and "is not in the class map" in result.stderr
+
+
+def test_the_class_palette_tells_neighbouring_labels_apart():
+    import numpy as np
+
+    from data_pipeline.inspect import palette
+
+    colours = palette(12).astype(int)
+    assert colours[0].tolist() == [0, 0, 0]
+    gaps = [np.abs(colours[k] - colours[k + 1]).sum() for k in range(1, 11)]
+    assert min(gaps) > 100  # a qualitative palette: no two consecutive classes in near-identical shades
+    assert len({tuple(c) for c in colours[1:12]}) == 11
