@@ -1,4 +1,5 @@
-"""Ray Tune wiring: start (or join) Ray, then run Optuna TPE + ASHA over a validated SearchSpec."""
+"""Ray Tune wiring: start (or join) Ray, then run Optuna TPE (study kept in optuna.db) with ASHA or FIFO over a
+validated SearchSpec, no trial started that a time budget leaves no room for (BudgetLimiter)."""
 from __future__ import annotations
 
 import logging
