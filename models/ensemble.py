@@ -239,18 +239,32 @@ def greedy_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, num
     inference ms per image) and a budget, only members that keep the total cost of the distinct
     members within it are considered (choosing a member again costs nothing).
     """
+    scorer, member_conf = _score_members(member_probs, labels, num_classes, chunk, costs, budget)
+    return _hill_climb(member_probs, scorer, member_conf, start, max_rounds, chunk, costs, budget)
+
+
+def _score_members(member_probs: list[torch.Tensor], labels: torch.Tensor, num_classes: int, chunk: int,
+                   costs, budget) -> tuple[_Scorer, list[torch.Tensor]]:
+    """The scorer of the val labels and each member's own confusion matrix; raises OverBudget when no
+    member alone fits the budget."""
     _check_quantized(member_probs)
-    allowed = _within_budget(costs, budget, set(), len(member_probs))
-    if not any(allowed):
+    if not any(_within_budget(costs, budget, set(), len(member_probs))):
         raise OverBudget(budget, min(costs))
     scorer = _Scorer(labels, num_classes)
-    member_conf = [scorer.confusion(KeySpace(num_classes, 1).member_labels(p, chunk)) for p in member_probs]
+    return scorer, [scorer.confusion(KeySpace(num_classes, 1).member_labels(p, chunk)) for p in member_probs]
+
+
+def _hill_climb(member_probs: list[torch.Tensor], scorer: _Scorer, member_conf: list[torch.Tensor],
+                start: Sequence[int] | None, max_rounds: int, chunk: int, costs, budget) -> Selection:
+    """greedy_selection, given the members' own confusion matrices."""
     member_miou = [mean_iou(conf) for conf in member_conf]
     if start is None:
+        allowed = _within_budget(costs, budget, set(), len(member_probs))
         start = [int(np.argmax([m if ok else -1.0 for m, ok in zip(member_miou, allowed)]))]
-    space = KeySpace(num_classes, len(start) + max_rounds - 1)
+    space = KeySpace(scorer.num_classes, len(start) + max_rounds - 1)
     running = space.keys([member_probs[m] for m in start], [1] * len(start))
-    conf = scorer.confusion(space.class_of(space.top_in_chunks(running, chunk)))
+    conf = member_conf[start[0]] if len(start) == 1 else \
+        scorer.confusion(space.class_of(space.top_in_chunks(running, chunk)))
     path = [{"round": 1, "members": list(start), "val_miou": mean_iou(conf)}]
     confs_on_path = [conf]
     for round_index in range(2, max_rounds + 1):
@@ -286,7 +300,7 @@ def best_subset(member_probs: list[torch.Tensor], labels: torch.Tensor, num_clas
                 chunk: int = 8, costs: Sequence[float] | None = None, budget: float | None = None) -> list[int]:
     """The equal-weight subset of the members (within the budget) with the highest val mIoU, fewest
     members first on ties: every subset up to EXHAUSTIVE_START_LIMIT candidates, else the best N by
-    their own val mIoU for every N (sorted initialisation)."""
+    their own val mIoU for every N (sorted initialisation). A single member scores its member_miou."""
     order = sorted(range(len(member_probs)), key=lambda m: -member_miou[m])
     if len(member_probs) <= EXHAUSTIVE_START_LIMIT:
         subsets = [list(c) for n in range(1, len(order) + 1) for c in itertools.combinations(order, n)]
@@ -297,7 +311,8 @@ def best_subset(member_probs: list[torch.Tensor], labels: torch.Tensor, num_clas
     if not subsets:
         raise OverBudget(budget, min(costs))
     scorer, space = _Scorer(labels, num_classes), KeySpace(num_classes, len(order))
-    scores = [mean_iou(_subset_confusion([member_probs[m] for m in s], scorer, space, chunk)) for s in subsets]
+    scores = [member_miou[s[0]] if len(s) == 1 else mean_iou(_subset_confusion([member_probs[m] for m in s], scorer,
+                                                                                 space, chunk)) for s in subsets]
     return sorted(subsets[int(np.argmax(scores))])  # subsets come smallest first: argmax keeps the first of equals
 
 
@@ -315,13 +330,13 @@ def ensemble_selection(member_probs: list[torch.Tensor], labels: torch.Tensor, n
                        budget: float | None = None) -> Selection:
     """The better on val (plain greedy on ties) of two hill-climbs: from the best single member
     (greedy_selection as Caruana wrote it) and from the best equal-weight subset (best_subset).
-    Its `tried` holds both val mIoUs."""
-    greedy = greedy_selection(member_probs, labels, num_classes, max_rounds, chunk, costs, budget)
-    start = best_subset(member_probs, labels, num_classes, greedy.member_miou, chunk, costs, budget)
-    tried = {"best member": greedy}
+    Its `tried` holds both val mIoUs. The members are scored alone once, for both."""
+    scorer, member_conf = _score_members(member_probs, labels, num_classes, chunk, costs, budget)
+    climb = {"max_rounds": max_rounds, "chunk": chunk, "costs": costs, "budget": budget}
+    tried = {"best member": _hill_climb(member_probs, scorer, member_conf, None, **climb)}
+    start = best_subset(member_probs, labels, num_classes, tried["best member"].member_miou, chunk, costs, budget)
     if len(start) > 1:
-        tried["best subset"] = greedy_selection(member_probs, labels, num_classes, max_rounds, chunk, costs, budget,
-                                                start=start)
+        tried["best subset"] = _hill_climb(member_probs, scorer, member_conf, start, **climb)
         tried["best subset"].start = "best subset"
     kept = max(tried.values(), key=lambda s: s.val_miou)  # the first of equals: plain greedy
     kept.tried = {name: s.val_miou for name, s in tried.items()}

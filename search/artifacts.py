@@ -149,8 +149,8 @@ def unknown_data(trials: list[TrialRecord], summary: dict | None) -> dict | None
     return {"by_treatment": by_treatment, "trials": points, "rules": rules, "curves": chosen}
 
 
-def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(val images uint8 [N, S, S, 3], val labels [N, S, S], ensemble predictions [N, S, S]) at the
+def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(val images uint8 [N, S, S, 3], val labels [N, S, S], ensemble predictions [N, S, S], file names) at the
     submission size, from the members' cached val probabilities, labelled as ensemble_select.py
     labels them (weights, rejection, class filter: models.ensemble.combine)."""
     from data_pipeline.trial_data import DataSpec
@@ -162,7 +162,8 @@ def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
     terms = [(member_weight(m["weight"]), load_val_cache(Path(m["val_cache"]))) for m in used]
     reject, class_filter = saved_decision(summary)
     predictions = [labels.to(torch.uint8).numpy() for labels, _ in combine_in_chunks(terms, reject, class_filter)]
-    return np.array(val.images), np.array(val.masks), np.concatenate(predictions)  # copies: the cache is read-only
+    # copies: the cache is read-only
+    return np.array(val.images), np.array(val.masks), np.concatenate(predictions), list(val.file_names)
 
 
 def worst_images(summary: dict, count: int = 6) -> dict:
@@ -171,7 +172,7 @@ def worst_images(summary: dict, count: int = 6) -> dict:
     from models.metrics import image_mious
 
     names = list(summary["per_class_iou"])
-    images, truth, predicted = ensemble_val_labels(summary)
+    images, truth, predicted, files = ensemble_val_labels(summary)
     scores = image_mious(torch.from_numpy(truth), torch.from_numpy(predicted), len(names)).numpy()
     order = [int(i) for i in np.argsort(np.nan_to_num(scores, nan=np.inf))[:count]]
     worst = []
@@ -179,18 +180,8 @@ def worst_images(summary: dict, count: int = 6) -> dict:
         valid = truth[i] != IGNORE
         wrong = valid & (truth[i] != predicted[i])
         confusions = _top_confusions(truth[i][wrong], predicted[i][wrong], names, valid.sum())
-        worst.append({"index": i, "miou": float(scores[i]), "confusions": confusions})
-    files = _val_file_names(summary)
-    for w in worst:
-        w["file_name"] = files[w["index"]]
+        worst.append({"index": i, "file_name": files[i], "miou": float(scores[i]), "confusions": confusions})
     return {"names": names, "images": images, "truth": truth, "predicted": predicted, "worst": worst}
-
-
-def _val_file_names(summary: dict) -> list[str]:
-    from data_pipeline.trial_data import DataSpec
-
-    member = summary["members"][0]
-    return list(DataSpec.from_config(member["config"], summary["data_root"]).val_split(summary["size"]).file_names)
 
 
 def _top_confusions(truth: np.ndarray, predicted: np.ndarray, names: list[str], valid: int) -> list[str]:

@@ -118,13 +118,12 @@ def warm_start_points(spec, trials: list[TrialRecord], count: int = WARM_START_T
     """The searched parameters of an earlier experiment's best `count` trials, as first trials of the
     search spec (a search.space.SearchSpec): a parameter this space fixes or does not search, a value
     outside its range and a condition that does not hold are left to the sampler."""
-    searched = [p for p in spec.params if p.kind != "fixed"]
+    searched = {p.name: p for p in spec.params if p.kind != "fixed"}
     fixed = {p.name: p.values[0] for p in spec.params if p.kind == "fixed"}
     points = []
     for t in ranked(trials)[:count]:
-        point = {p.name: t.config[p.name] for p in searched if p.name in t.config and p.admits(t.config[p.name])}
-        point = {name: value for name, value in point.items()
-                 if next(p for p in searched if p.name == name).active({**fixed, **point})}
+        point = {name: t.config[name] for name, p in searched.items() if name in t.config and p.admits(t.config[name])}
+        point = {name: value for name, value in point.items() if searched[name].active({**fixed, **point})}
         if point and point not in points:
             points.append(point)
     return points
