@@ -201,7 +201,7 @@ def _read_launch_file(experiment: Path) -> dict:
 
 
 def _print_plan(launch: Launch, checked, args) -> None:
-    from search.preflight import weights_report
+    from search.preflight import training_sources, weights_report
     from search.space import describe
     from search.tune_runner import concurrency, trial_resources
 
@@ -224,6 +224,7 @@ def _print_plan(launch: Launch, checked, args) -> None:
           f"wandb: {launch.wandb_mode or 'off'}\nSearch space:")
     for line in describe(spec):
         print(f"  {line}")
+    print("Training data by source:\n" + "\n".join(f"  {line}" for line in training_sources(spec.data, launch.data_root)))
     weights = weights_report(spec)
     if weights:
         print("Pretrained encoders:\n" + "\n".join(f"  {line}" for line in weights))
@@ -318,6 +319,7 @@ def _new_search(args) -> Launch | None:
     checked = check_data(spec, data_root, args.skip_bad)
     for warning in checked.warnings:
         print(warning, file=sys.stderr, flush=True)
+    spec = dataclasses.replace(spec, data=spec.data.skipping_extra(checked.extra_skip))
     experiment = args.storage.resolve() / (args.name or time.strftime("search-%Y%m%d-%H%M%S"))
     if experiment.exists():
         raise UserError(f"experiment {experiment} already exists; choose another --name (or --resume it)")
@@ -368,6 +370,7 @@ def _write_launch_file(args, launch: Launch) -> None:
         "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(launch.data_root),
         "skip": sorted(launch.skip), "gpus": launch.gpus, "num_samples": args.num_samples or e.num_samples,
         "wandb": launch.wandb_mode is not None, "time_budget_s": args.time_budget,
+        "extra_data": [source.name for source in launch.spec.data.sources()],
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }, indent=2))
 

@@ -82,14 +82,18 @@ def _rarity(presence: np.ndarray) -> np.ndarray:
         return np.where(image_frequency > 0, image_frequency ** -0.5, 0.0)
 
 
-def build_sampler(name: str, masks: np.ndarray, num_classes: int,
-                  generator: torch.Generator | None = None) -> Sampler | None:
-    """The training sampler by name; None for 'uniform' (the caller shuffles instead)."""
+def build_sampler(name: str, masks: np.ndarray, num_classes: int, generator: torch.Generator | None = None,
+                  mix=None) -> Sampler | None:
+    """The training sampler by name; None for 'uniform' without a source mix (the caller shuffles
+    instead). mix (data_pipeline.extra_data.SourceMix): each source's share of the samples, within
+    which the named sampler's weights still apply."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
-    if name == "uniform":
+    if name == "uniform" and mix is None:
         return None
-    weights = rare_class_sample_weights(masks, num_classes)
+    weights = np.ones(len(masks)) if name == "uniform" else rare_class_sample_weights(masks, num_classes)
+    if mix is not None:
+        weights = mix.apply(weights)
     return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(weights),
                                  replacement=True, generator=generator)
 

@@ -121,6 +121,16 @@ def format_class_table(stats: ClassStats) -> str:
     return "\n".join(lines)
 
 
+def class_shares(stats: ClassStats) -> str:
+    """One line: images, annotations and each class's share of the pixels (classes with none left out)."""
+    total = max(int(stats.pixels.sum()), 1)
+    shares = [f"{name} {_percent(stats.pixels[label], total)} %" for label, name in enumerate(stats.class_names)
+              if stats.pixels[label]]
+    if stats.pixels[IGNORE]:
+        shares.append(f"(ignored) {_percent(stats.pixels[IGNORE], total)} %")
+    return f"{stats.num_images} images, {int(stats.annotations.sum())} annotations; pixels: {', '.join(shares)}"
+
+
 def _percent(count: int, total: int) -> str:
     share = 100 * count / total
     return "<0.01" if 0 < share < 0.01 else f"{share:.2f}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from .cache import file_digest, load_split
 from .classes import UNKNOWN_POLICIES, ClassMap, class_map_for
 from .coco import CocoSegmentation
 from .dataset import Split
+from .extra_data import ExtraSource, SourceMix, check_shares
 from .pseudo_labels import pseudo_class_map
 from .splits import kfold_indices
 
@@ -44,13 +45,15 @@ class DataSpec:
     class_map: dict | None = None  # ClassMap.to_dict(); None = categories as they are
     skip: tuple[str, ...] = ()  # file_names left out everywhere (launch.py --skip-bad)
     pseudo_labels: tuple[str, ...] = ()  # ensemble_select.py --pseudo-labels files, added to the training images
+    extra: tuple[dict, ...] = ()  # ExtraSource.to_dict() of each external dataset, added to the training images
 
     # Trial-config key of each field (the first four keep the names trials always had).
     CONFIG_KEYS = {"root": "data_root", "train": "train_ann", "val": "val_ann", "test": "test_ann",
-                   "train_all": "train_all_ann", "skip": "skip_images", "pseudo_labels": "pseudo_label_anns"}
-    LISTS = ("skip", "pseudo_labels")
+                   "train_all": "train_all_ann", "skip": "skip_images", "pseudo_labels": "pseudo_label_anns",
+                   "extra": "extra_data"}
+    LISTS = ("skip", "pseudo_labels", "extra")
     TRIAL_PARAM = "fold"  # searched per trial (search.space), so not one of the constants of to_config
-    # What a search space's data: section sets, besides class_map (a class-map file) and unknown.
+    # What a search space's data: section sets, besides class_map (a class-map file), unknown and extra.
     SECTION_KEYS = ("train", "val", "test", "split", "train_all", "folds", "split_seed", "pseudo_labels")
 
     @classmethod
@@ -60,14 +63,15 @@ class DataSpec:
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise UserError("'data' must be a mapping")
-        reject_unknown_keys(raw, sorted((*cls.SECTION_KEYS, "class_map", "unknown")), "data.")
+        reject_unknown_keys(raw, sorted((*cls.SECTION_KEYS, "class_map", "unknown", "extra")), "data.")
         files = {key: raw[key] for key in ("class_map", "unknown") if raw.get(key) is not None}
         for key, value in files.items():
             if not isinstance(value, str):
                 raise UserError(f"data.{key}: expected str, got {value!r}")
         values = typed_values({k: v for k, v in raw.items() if k in cls.SECTION_KEYS}, cls(root=""), "data")
         class_map = _section_class_map(files.get("class_map"), files.get("unknown"), space_dir)
-        spec = cls(root="", **values, class_map=class_map.to_dict() if class_map else None)
+        spec = cls(root="", **values, class_map=class_map.to_dict() if class_map else None,
+                   extra=_section_extra(raw.get("extra"), space_dir))
         if spec.split not in SPLITS:
             raise UserError(f"data.split must be one of {', '.join(SPLITS)}, got {spec.split!r}")
         if spec.folds < 2:
@@ -96,11 +100,33 @@ class DataSpec:
     def classes(self) -> ClassMap | None:
         return ClassMap.from_dict(self.class_map) if self.class_map else None
 
+    def sources(self) -> tuple[ExtraSource, ...]:
+        """The external datasets whose images join the training split."""
+        return tuple(ExtraSource.from_dict(raw) for raw in self.extra)
+
+    def skipping_extra(self, skipped: list[list[str]]) -> "DataSpec":
+        """This spec with the given images of each external dataset left out (--skip-bad)."""
+        return replace(self, extra=tuple(s.skipping(names).to_dict() for s, names in zip(self.sources(), skipped)))
+
     def load(self, ann_file: str, resize: int, with_masks: bool = True) -> Split:
         return load_split(self.root, ann_file, resize, class_map=self.classes(), skip=frozenset(self.skip),
                           with_masks=with_masks)
 
     def train_val(self, resize: int) -> tuple[Split, Split]:
+        """(training split: the task's, pseudo-labelled and external images; val split)."""
+        train, val, _ = self.training_data(resize)
+        return train, val
+
+    def training_data(self, resize: int) -> tuple[Split, Split, SourceMix | None]:
+        """train_val and, when an external dataset has a share, where each training sample comes from."""
+        own, val = self._own_train_val(resize)
+        extra = [source.load(resize, own.class_names) for source in self.sources()]
+        shares = [None] + [source.share for source in self.sources()]
+        mix = SourceMix.of([len(own)] + [len(e) for e in extra], shares) \
+            if any(share is not None for share in shares) else None
+        return (own.concat(*extra) if extra else own), val, mix
+
+    def _own_train_val(self, resize: int) -> tuple[Split, Split]:
         if self.split == "given":
             train, val = self.load(self.train, resize), self.load(self.val, resize)
             if train.class_names != val.class_names:
@@ -127,8 +153,8 @@ class DataSpec:
     def val_fingerprint(self) -> str:
         """A digest of everything the val set depends on (annotations, split, classes, skipped images)."""
         ann = self.val if self.split == "given" else self.train_all
-        # the same data elsewhere has the same val set; pseudo-labels add training images only
-        settings = {k: v for k, v in asdict(self).items() if k not in ("root", "pseudo_labels")}
+        # the same data elsewhere has the same val set; pseudo-labels and external data add training images only
+        settings = {k: v for k, v in asdict(self).items() if k not in ("root", "pseudo_labels", "extra")}
         parts = [file_digest(Path(self.root) / ann), settings]
         return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -137,6 +163,17 @@ class DataSpec:
         digest = file_digest(Path(self.root) / self.train_all)
         return _fold_indices(self.root, self.train_all, digest, self.classes(), frozenset(self.skip),
                              self.folds, self.fold, self.split_seed)
+
+
+def _section_extra(raw, space_dir: Path) -> tuple[dict, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise UserError(f"data.extra: expected a list of external datasets (root, annotations, class_map, "
+                        f"share), got {raw!r}")
+    sources = tuple(ExtraSource.from_entry(entry, i, space_dir) for i, entry in enumerate(raw))
+    check_shares(sources)
+    return tuple(source.to_dict() for source in sources)
 
 
 def _section_class_map(path: str | None, unknown: str | None, space_dir: Path) -> ClassMap | None:

@@ -134,7 +134,7 @@ def leaderboard_rows(trials: list[TrialRecord], experiment: str | Path | None = 
     experiment, trial_id, every trial parameter the space set (searched or fixed, exact values),
     best_val_miou (and best_<metric> for another ranking metric), best_epoch, epochs, status, time_s,
     the val metrics of its best checkpoint and its per-class val IoU (iou_<class>), the checkpoint,
-    and the search's space file, dataset and start time (launch.json)."""
+    and the search's space file, dataset, external training data and start time (launch.json)."""
     launch = _launch_settings(experiment)
     params = [name for name in TRIAL_PARAMS if any(name in t.config for t in trials)]
     rows = []
@@ -148,7 +148,8 @@ def leaderboard_rows(trials: list[TrialRecord], experiment: str | Path | None = 
             "best_epoch": meta.get("epoch", ""), "epochs": t.epochs, "status": t.status, "time_s": f"{t.time_s:.1f}",
             **_checkpoint_metrics(meta),
             "checkpoint": str(t.checkpoint or ""), "space": launch.get("space", ""),
-            "dataset": launch.get("data_root", ""), "started": launch.get("started", ""),
+            "dataset": launch.get("data_root", ""), "extra_data": "; ".join(launch.get("extra_data", [])),
+            "started": launch.get("started", ""),
         })
     return _same_columns(rows)
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.classes import ClassMap, unknown_label
+from data_pipeline.coco import CocoSegmentation
+from data_pipeline.extra_data import task_labels
+from data_pipeline.inspect import class_shares, class_statistics
+from data_pipeline.trial_data import DataSpec
 from data_pipeline.pseudo_labels import pseudo_class_map
 from data_pipeline.validate import check_usable, format_warning, summarise, validate_dataset
 from errors import UserError
@@ -20,6 +24,7 @@ from .space import SearchSpec, possible_values, pretrained_encoders
 @dataclass
 class DataCheck:
     skip: list[str] = field(default_factory=list)  # file names to leave out (with skip_bad)
+    extra_skip: list[list[str]] = field(default_factory=list)  # the same, per external dataset
     counts: list[str] = field(default_factory=list)  # "1003 train", "251 val", ...
     num_classes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -47,13 +52,22 @@ def check_data(spec: SearchSpec, data_root: Path, skip_bad: bool) -> DataCheck:
     _check_unknown_class(spec, first, first_names)
     for ann in d.pseudo_labels:  # in the search's classes (and Uncertain), or refused
         _check_file(data_root, ann, pseudo_class_map(first_names), skip_bad, "pseudo-labelled", result)
+    for source in d.sources():  # external data: its classes, once mapped, must be the task's
+        own_skip = len(result.skip)
+        names = _check_file(Path(source.root), source.annotations, source.classes(), skip_bad, "external", result,
+                            shown_as=source.name)
+        task_labels(names, tuple(first_names), source.name)
+        result.extra_skip.append(result.skip[own_skip:])
+        del result.skip[own_skip:]
     result.num_classes = len(first_names)
     return result
 
 
-def _check_file(data_root: Path, ann: str, class_map, skip_bad: bool, role: str, result: DataCheck) -> tuple:
-    """Validates one annotation file into result; returns its class names."""
+def _check_file(data_root: Path, ann: str, class_map, skip_bad: bool, role: str, result: DataCheck,
+                shown_as: str | None = None) -> tuple:
+    """Validates one annotation file into result (messages name it shown_as, else ann); returns its class names."""
     report = validate_dataset(data_root, ann, class_map=class_map)
+    report.ann_file = shown_as or report.ann_file
     bad = check_usable(report, skip_bad)
     if bad:
         result.warnings.append(format_warning(report))
@@ -80,6 +94,16 @@ def _check_unknown_class(spec: SearchSpec, ann: str, class_names) -> None:
         names = ", ".join((spec.class_map or ClassMap()).unknown_names)
         raise UserError(f"space.unknown: {treatments[0]} needs an UNKNOWN class, but {ann} has no category named "
                         f"{names} (its classes: {', '.join(class_names)}); name it with the class map's unknown.names")
+
+
+def training_sources(data: DataSpec, data_root: Path) -> list[str]:
+    """One line per source of training images (the task's own training file, then each external
+    dataset): images, annotations and each class's share of the pixels, in the task's classes."""
+    own = data.train if data.split == "given" else data.train_all
+    sources = [(f"task data {data_root / own}", CocoSegmentation(data_root, own, data.classes(), data.skip))]
+    sources += [(f"external {s.name}" + (f" (share {s.share:g})" if s.share is not None else ""),
+                 CocoSegmentation(s.root, s.annotations, s.classes(), s.skip)) for s in data.sources()]
+    return [f"{name}: {class_shares(class_statistics(coco))}" for name, coco in sources]
 
 
 def check_weights_cached(spec: SearchSpec) -> None:

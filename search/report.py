@@ -50,7 +50,8 @@ def write_report(experiment: str | Path, ensemble_summary: Path | None = None) -
     summary = artifacts.read_summary(ensemble_summary or experiment / "ensemble" / "ensemble.json")
     data = _report_data(experiment, trials, summary)
     rows = leaderboard_rows(trials, experiment)
-    where = (f"<p>Space {html.escape(rows[0]['space'])}, data {html.escape(rows[0]['dataset'])}, started "
+    extra = f" (and external training data {html.escape(rows[0]['extra_data'])})" if rows and rows[0]["extra_data"] else ""
+    where = (f"<p>Space {html.escape(rows[0]['space'])}, data {html.escape(rows[0]['dataset'])}{extra}, started "
              f"{html.escape(rows[0]['started'])}; every column in leaderboard.csv.</p>" if rows and rows[0]["space"] else "")
     sections = [("Trials", where + _table(rows, varying_columns(rows))), *_sections(data, summary, directory)]
     numbers = {**{k: v for k, v in data.items() if k != "worst_arrays"},

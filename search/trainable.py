@@ -147,12 +147,12 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
 
     resize = cfg["resize"]
     data = DataSpec.from_config(cfg)
-    train_split, val_split = data.train_val(resize)
+    train_split, val_split, mix = data.training_data(resize)
     num_classes = len(train_split.class_names)
     unknown = _unknown_label(cfg["unknown"], train_split.class_names, data)
     open_set = cfg["unknown"] == "open_set"
     generator = torch.Generator().manual_seed(cfg.get("seed", 0))
-    sampler = build_sampler(cfg["sampler"], train_split.masks, num_classes, generator)
+    sampler = build_sampler(cfg["sampler"], train_split.masks, num_classes, generator, mix)
     train_loader = make_loader(
         SegmentationDataset(train_split, cfg["augmentation"], train=True, crop=_crop(cfg, train_split, num_classes)),
         cfg["batch_size"],

@@ -16,6 +16,7 @@ from data_pipeline.submission import read_submission
 from search.experiment import read_trials
 
 from .conftest import ROOT, cache_unreadable_weights, run_cli
+from .test_extra_data import CLASS_MAP as EXTERNAL_CLASS_MAP, make_external
 
 TINY_PARAMS = ("decoder", "backbone", "loss", "focal_gamma", "augmentation", "lr")
 TINY_SPACE = """
@@ -270,6 +271,7 @@ def test_a_dataset_of_symbolic_links_passes_the_dry_run(sample_root, tmp_path):
         (data / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     result = run_cli("launch.py", "--data", data, "--dry-run", "--storage", tmp_path / "runs", timeout=120)
     assert result.returncode == 0 and "Dry run: nothing started." in result.stdout, result.stderr[-2000:]
+    assert f"Training data by source:\n  task data {data / 'train.json'}: 24 images, " in result.stdout
 
 
 def test_a_condition_that_can_never_hold_and_wandb_online_without_credentials_are_warned_of(sample_root, tmp_path):
@@ -333,14 +335,25 @@ def test_bad_images_stop_launch_before_ray_starts_unless_skip_bad(sample_root, t
     assert result.stderr.count("\n") == 1 and f"val.json: {victim}: image id" in result.stderr
     assert "--skip-bad" in result.stderr and not (tmp_path / "runs").exists()
 
-    (tmp_path / "space.yaml").write_text(TINY_SPACE.replace("num_samples: 6", "num_samples: 1")
-                                         .replace("max_epochs: 3", "max_epochs: 1"))
+    # an external dataset with a broken image of its own trains too, without that image
+    external = make_external(tmp_path / "external")
+    (external / "ext_1.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "taco_to_task.yaml").write_text(EXTERNAL_CLASS_MAP)
+    (tmp_path / "space.yaml").write_text(
+        TINY_SPACE.replace("num_samples: 6", "num_samples: 1").replace("max_epochs: 3", "max_epochs: 1")
+        .replace("space:\n", "data: {extra: [{root: external, annotations: annotations.json, "
+                              "class_map: taco_to_task.yaml, share: 0.2}]}\nspace:\n"))
     result = run_cli("launch.py", "--space", tmp_path / "space.yaml", "--data", data, "--skip-bad",
                      "--storage", tmp_path / "runs", "--name", "skipped")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: leaving out 1 of" in result.stderr and victim in result.stderr
+    assert f"leaving out 1 of 4 image(s) of {external / 'annotations.json'}" in result.stderr
     [meta] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "skipped").rglob("model.json")]
     assert victim not in meta["val_images"] and len(meta["val_images"]) == len(val.image_ids) - 1
+    assert [source["skip"] for source in meta["config"]["extra_data"]] == [["ext_1.jpg"]]
+    launched = json.loads((tmp_path / "runs" / "skipped" / "launch.json").read_text())
+    [row] = csv.DictReader((tmp_path / "runs" / "skipped" / "leaderboard.csv").open())
+    assert launched["extra_data"] == [str(external / "annotations.json")] == [row["extra_data"]]
 
 
 def test_a_bad_test_image_stops_launch_even_with_skip_bad(sample_root, tmp_path):
