@@ -176,3 +176,16 @@ def test_the_dry_run_lines_show_each_source_s_pixels_in_the_task_s_classes(space
     assert lines[0].startswith(f"task data {sample_root / 'train.json'}: 24 images")
     assert lines[1].startswith(f"external {spec.data.sources()[0].name} (share 0.3): 4 images, 24 annotations")
     assert "Plastic" in lines[1] and "Metal" in lines[1] and "(ignored)" in lines[1] and "Bottle" not in lines[1]
+
+
+def test_a_changed_external_file_is_read_again(space, sample_root):
+    data = spec_of(space(), sample_root)
+    source = data.sources()[0]
+    before, _ = data.train_val(SIZE)
+    path = Path(source.root) / source.annotations
+    coco = json.loads(path.read_text())
+    coco["images"] = coco["images"][:2]  # e.g. a newer release of the external data
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] < 2]
+    path.write_text(json.dumps(coco))
+    after, _ = data.train_val(SIZE)  # the same spec, as a resumed trial rebuilds it
+    assert len(before) - len(after) == 2 and after.file_names[-1] == "ext_1.jpg"
