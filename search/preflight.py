@@ -11,8 +11,8 @@ from data_pipeline.classes import ClassMap, unknown_label
 from data_pipeline.coco import CocoSegmentation
 from data_pipeline.extra_data import task_labels
 from data_pipeline.inspect import class_shares, class_statistics
-from data_pipeline.trial_data import DataSpec
 from data_pipeline.pseudo_labels import pseudo_class_map
+from data_pipeline.trial_data import DataSpec
 from data_pipeline.validate import check_usable, format_warning, summarise, validate_dataset
 from errors import UserError
 from models.factory import cached_weights, input_normalization
@@ -53,25 +53,24 @@ def check_data(spec: SearchSpec, data_root: Path, skip_bad: bool) -> DataCheck:
     for ann in d.pseudo_labels:  # in the search's classes (and Uncertain), or refused
         _check_file(data_root, ann, pseudo_class_map(first_names), skip_bad, "pseudo-labelled", result)
     for source in d.sources():  # external data: its classes, once mapped, must be the task's
-        own_skip = len(result.skip)
+        result.extra_skip.append([])
         names = _check_file(Path(source.root), source.annotations, source.classes(), skip_bad, "external", result,
-                            shown_as=source.name)
+                            shown_as=source.name, skipped=result.extra_skip[-1])
         task_labels(names, tuple(first_names), source.name)
-        result.extra_skip.append(result.skip[own_skip:])
-        del result.skip[own_skip:]
     result.num_classes = len(first_names)
     return result
 
 
 def _check_file(data_root: Path, ann: str, class_map, skip_bad: bool, role: str, result: DataCheck,
-                shown_as: str | None = None) -> tuple:
-    """Validates one annotation file into result (messages name it shown_as, else ann); returns its class names."""
+                shown_as: str | None = None, skipped: list[str] | None = None) -> tuple:
+    """Validates one annotation file into result (messages name it shown_as, else ann; its images to
+    leave out go to skipped, else result.skip); returns its class names."""
     report = validate_dataset(data_root, ann, class_map=class_map)
     report.ann_file = shown_as or report.ann_file
     bad = check_usable(report, skip_bad)
     if bad:
         result.warnings.append(format_warning(report))
-    result.skip += bad
+    (result.skip if skipped is None else skipped).extend(bad)
     result.counts.append(f"{report.num_images - len(bad)} {role}")
     return report.class_names
 
