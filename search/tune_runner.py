@@ -52,9 +52,13 @@ def start_ray(gpus: float, cpus: int | None = None, *, dashboard_host: str = DAS
             ray.shutdown()
             raise UserError(f"--gpus {gpus:g} asks for more GPUs than the cluster at {address} has ({available:g})")
         return getattr(context, "dashboard_url", None)
+    # Ray starts its workers at niceness 15; a trial is then preempted by every wake-up of the driver
+    # or Ray's daemons, and its other OpenMP threads wait at the next barrier, which made epochs inside
+    # Tune slower than the same epochs in a plain process (bench/search_overhead.py).
     context = ray.init(num_cpus=cpus or os.cpu_count(), num_gpus=gpus, include_dashboard=True,
                        dashboard_host=dashboard_host, dashboard_port=_free_port(dashboard_host, DASHBOARD_PORT),
-                       configure_logging=True, logging_level="WARNING", log_to_driver=True)
+                       configure_logging=True, logging_level="WARNING", log_to_driver=True,
+                       _system_config={"worker_niceness": 0})
     _make_private(auth_token_path())
     return getattr(context, "dashboard_url", None)
 

@@ -298,7 +298,9 @@ def test_fractional_fake_gpus_pack_eight_trials_at_once_each_with_a_gpu_id(sampl
     from search.tune_runner import concurrency, run_search, start_ray
 
     (tmp_path / "space.yaml").write_text(
-        SPACE.replace("num_samples: 2, max_epochs: 2, grace_period: 2", "num_samples: 8, max_epochs: 1, grace_period: 1")
+        # 4 epochs a trial: trials run at the driver's priority, so one-epoch trials could end before the
+        # eighth actor had started, and the next trial would reuse a finished one's actor and GPU
+        SPACE.replace("num_samples: 2, max_epochs: 2, grace_period: 2", "num_samples: 8, max_epochs: 4, grace_period: 4")
         .replace("cpus_per_trial: 1", "cpus_per_trial: 0.25, gpus_per_trial: 0.5").replace("resize: 64", "resize: 32"))
     spec = load_space(tmp_path / "space.yaml")
     assert concurrency(spec.experiment, 2, 4) == 8
