@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from errors import run_cli
+from errors import exit_cli
 from models.inference import TTA_MODES
 
 
@@ -75,4 +74,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_cli(main)

@@ -25,6 +25,21 @@ def run_cli(main, argv=None) -> int:
         return 130
 
 
+def exit_cli(main) -> None:
+    """Runs a CLI main with run_cli and exits with its code.
+
+    Everything is frozen out of the garbage collector first: the interpreter's last collections at exit
+    would walk every object torch, timm and smp created at import (over a second on a small CPU), and
+    nothing that is left needs collecting.
+    """
+    import gc
+    import sys
+
+    code = run_cli(main)
+    gc.freeze()
+    sys.exit(code)
+
+
 def short_reason(exc: BaseException) -> str:
     """The first line of an exception's message (at most 200 characters), or where it was raised when
     it has no message: what a one-line error quotes from a library's exception."""

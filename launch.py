@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from atomic_file import write_atomically
-from errors import UserError, run_cli
+from errors import UserError, exit_cli
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "search_spaces" / "quick.yaml"
 
@@ -400,4 +400,4 @@ def _finish(launch: Launch, console) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_cli(main)

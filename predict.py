@@ -11,10 +11,9 @@ to class names and overlay colours.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from errors import run_cli
+from errors import exit_cli
 from models.inference import TTA_MODES
 
 
@@ -54,4 +53,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_cli(main)

@@ -140,6 +140,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from errors import run_cli  # a bad space or value: one line, not a traceback
+    from errors import exit_cli  # a bad space or value: one line, not a traceback
 
-    sys.exit(run_cli(main))
+    exit_cli(main)

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from atomic_file import write_atomically
-from errors import UserError, run_cli
+from errors import UserError, exit_cli
 
 from labels import IGNORE
 
@@ -213,4 +213,4 @@ def grid_image(tiles: list[np.ndarray], legend_panel: np.ndarray) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_cli(main)

@@ -24,11 +24,10 @@ import argparse
 import html
 import json
 import math
-import sys
 from pathlib import Path
 
 from atomic_file import write_atomically
-from errors import UserError, run_cli
+from errors import UserError, exit_cli
 
 from . import artifacts, figures
 from .experiment import is_experiment, leaderboard_rows, read_trials, varying_columns
@@ -163,4 +162,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_cli(main)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from data_pipeline.cache import load_split
 from data_pipeline.classes import UNKNOWN_POLICIES, class_map_for
 from data_pipeline.submission import read_submission
-from errors import UserError, run_cli
+from errors import UserError, exit_cli
 from models.metrics import confusion_matrix, iou_per_class, mean_iou
 
 
@@ -61,4 +60,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_cli(main)
