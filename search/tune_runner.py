@@ -175,7 +175,8 @@ def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, g
         tune_config=tune.TuneConfig(
             metric=e.metric, mode=e.mode, num_samples=num_samples or e.num_samples, reuse_actors=True,
             trial_dirname_creator=trial_dirname,
-            search_alg=BudgetLimiter(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), e.useful_epochs),
+            search_alg=BudgetLimiter(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), e.useful_epochs,
+                                     console),
             scheduler=scheduler(e), time_budget_s=time_budget_s,
         ),
         run_config=tune.RunConfig(
@@ -195,13 +196,20 @@ class BudgetLimiter(Searcher):
     epoch or two, a useless candidate, and would take CPU from the trials still running. A trial's
     cost is estimated from the trials so far (median set-up time, median epoch time after each one's
     first epoch); before any epoch has ended every trial may start. When none fits, the searcher is
-    finished: the running trials go on to the deadline and the search ends with them."""
+    finished: the running trials go on to the deadline and the search ends with them, which is said
+    once on the console (a driver_log.Console) and in the log."""
 
-    def __init__(self, searcher: Searcher, min_epochs: int):
-        self.searcher, self.min_epochs = searcher, min_epochs
+    def __init__(self, searcher: Searcher, min_epochs: int, console=None):
+        self.searcher, self.min_epochs, self.console = searcher, min_epochs, console
+        self.stopped = False
         self.epoch_times: dict[str, list[float]] = {}
         self.setup_times: dict[str, float] = {}
         super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def __getstate__(self) -> dict:
+        """Tune pickles the searcher with the experiment; the console (open streams) stays behind, and a
+        restored limiter says it in the log only."""
+        return {**self.__dict__, "console": None}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -213,10 +221,18 @@ class BudgetLimiter(Searcher):
         needed = self.seconds_needed()
         deadline = search_deadline()
         if needed is not None and deadline is not None and time.time() + needed > deadline:
-            log.warning("time budget: %.0f s left, a new trial needs about %.0f s for %d epoch(s); no more trials "
-                        "start", deadline - time.time(), needed, self.min_epochs)
+            if not self.stopped:
+                self._say(f"time budget: {deadline - time.time():.0f} s left, a new trial needs about {needed:.0f} s "
+                          f"for {self.min_epochs} epoch(s); no more trials start, the running ones end by the deadline")
+            self.stopped = True
             return Searcher.FINISHED
         return self.searcher.suggest(trial_id)
+
+    def _say(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message)
+        else:
+            log.warning(message)
 
     def seconds_needed(self) -> float | None:
         """What a new trial's set-up and min_epochs epochs take at the pace seen so far (with the trials'

@@ -71,6 +71,7 @@ def test_resume_of_a_missing_or_foreign_folder_and_bad_max_failures_are_one_line
     result = run_cli("launch.py", "--address", "127.0.0.1:9", "--storage", tmp_path / "runs", timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "--address 127.0.0.1:9: nothing answers there" in result.stderr
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["plain"]  # no half-made experiment left behind
     (tmp_path / "bad.yaml").write_text(SPACE.replace("cpus_per_trial: 1", "cpus_per_trial: 1, max_failures: -1"))
     with pytest.raises(UserError, match="experiment.max_failures must be >= 0, got -1"):
         load_space(tmp_path / "bad.yaml")
@@ -360,6 +361,7 @@ def test_a_time_budget_ends_the_search_with_trials_that_planned_their_end_and_ke
     assert rows and all(0 < int(r["epochs"]) < 500 for r in rows if r["best_val_miou"])
     assert len(rows) == 2 and {r["status"] for r in rows} == {"cut by budget"}
     assert "no more trials start" in (tmp_path / "runs" / "budget" / "driver.log").read_text()
+    assert result.stdout.count("no more trials start") == 1  # said once, on the console too
     assert json.loads((tmp_path / "runs" / "budget" / "launch.json").read_text())["time_budget_s"] == 40
     from ray.tune import ExperimentAnalysis
 
