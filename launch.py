@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -261,9 +262,15 @@ def main(argv=None) -> int:
     from driver_log import output_to_log
 
     log = launch.experiment / DRIVER_LOG
-    with output_to_log(log) as console:  # Ray's, Tune's and wandb's output: in the log only
-        console.print(launch.header + f"\nFull output: {log}")
-        return _run(args, launch, console)
+    try:
+        with output_to_log(log) as console:  # Ray's, Tune's and wandb's output: in the log only
+            console.print(launch.header + f"\nFull output: {log}")
+            return _run(args, launch, console)
+    except BaseException:
+        if not args.resume and not (launch.experiment / LAUNCH_FILE).exists():
+            # Ray never got to start the search: no half-made experiment keeps the name from a second try
+            shutil.rmtree(launch.experiment, ignore_errors=True)
+        raise
 
 
 def _run(args, launch: Launch, console) -> int:
