@@ -286,7 +286,7 @@ def _run(args, launch: Launch, console) -> int:
             _write_launch_file(args, launch)
             run_search(launch.spec, launch.data_root, storage=launch.experiment.parent, name=launch.experiment.name,
                        gpus=launch.gpus, num_samples=args.num_samples, skip=launch.skip,
-                       wandb=launch.wandb_mode is not None, time_budget_s=args.time_budget, console=console)
+                       wandb=launch.wandb_mode is not None, time_budget_s=args.time_budget)
         return _finish(launch, console)
     finally:
         ray.shutdown()  # while the output still goes to the log: the workers' last words land there

@@ -8,6 +8,8 @@ import time
 
 from ray.tune import Callback
 
+from driver_log import active_console
+
 from .experiment import trial_status
 
 STATUS_EVERY_S = 60.0
@@ -21,25 +23,34 @@ def format_value(value) -> str:
 
 
 class ProgressTable(Callback):
-    """Prints through console (a driver_log.Console) a header, then one row per ended trial."""
+    """Prints on the active console (driver_log.active_console; nothing without one) a header, then one
+    row per ended trial. Tune pickles its callbacks with the experiment: a resumed search prints the
+    rows of the trials that end in it, under a header of its own."""
 
-    def __init__(self, console, params: list[str], metric: str, total: int):
-        self.console, self.params, self.metric, self.total = console, params, metric, total
+    def __init__(self, params: list[str], metric: str, total: int):
+        self.params, self.metric, self.total = params, metric, total
         self.columns = ["trial", *params, "epochs", f"best_{metric}", "status", "time_s"]
         self.widths = [max(len(c), 10) for c in self.columns]
         self.best: dict[str, float] = {}
         self.ended: set[str] = set()
+        self.header_shown = False
         self.started_at = self.last_status = time.monotonic()
-        self._print("  ".join(c.ljust(w) for c, w in zip(self.columns, self.widths)))
+        self._print()  # the header, as the search starts
 
-    def __getstate__(self) -> dict:
-        """Tune pickles its callbacks with the experiment; the console (open streams) stays behind, and
-        a restored table prints nothing."""
-        return {**self.__dict__, "console": None}
+    def __setstate__(self, state: dict) -> None:
+        """A restored table starts its clock, and shows its header, with the resumed search."""
+        self.__dict__.update(state, header_shown=False)
+        self.started_at = self.last_status = time.monotonic()
 
-    def _print(self, line: str) -> None:
-        if self.console is not None:
-            self.console.print(line)
+    def _print(self, line: str | None = None) -> None:
+        console = active_console()
+        if console is None:
+            return
+        if not self.header_shown:
+            console.print("  ".join(c.ljust(w) for c, w in zip(self.columns, self.widths)))
+            self.header_shown = True
+        if line is not None:
+            console.print(line)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(f"best_{self.metric}")

@@ -17,6 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from driver_log import active_console
 from errors import UserError
 
 from .progress import ProgressTable
@@ -158,11 +159,10 @@ def optuna_storage(experiment: Path):
 
 
 def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, gpus: float,
-               num_samples: int | None = None, skip=(), wandb: bool = False, time_budget_s: float | None = None,
-               console=None) -> Path:
+               num_samples: int | None = None, skip=(), wandb: bool = False, time_budget_s: float | None = None) -> Path:
     """Runs the search in the running Ray instance, to completion or until time_budget_s seconds have
     passed (Tune then stops the running trials; their checkpoints stay); returns the experiment folder.
-    console (a driver_log.Console): where a row per ended trial and a status line a minute go."""
+    Inside driver_log.output_to_log, a row per ended trial and a status line a minute go to its console."""
     e = spec.experiment
     resources = ray.cluster_resources()
     max_concurrent = concurrency(e, resources.get("CPU", 1), resources.get("GPU", 0) if gpus > 0 else 0)
@@ -175,15 +175,14 @@ def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, g
         tune_config=tune.TuneConfig(
             metric=e.metric, mode=e.mode, num_samples=num_samples or e.num_samples, reuse_actors=True,
             trial_dirname_creator=trial_dirname,
-            search_alg=BudgetLimiter(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), e.useful_epochs,
-                                     console),
+            search_alg=BudgetLimiter(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), e.useful_epochs),
             scheduler=scheduler(e), time_budget_s=time_budget_s,
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), verbose=1,
             failure_config=tune.FailureConfig(max_failures=e.max_failures),
             checkpoint_config=_checkpoint_config(e),
-            callbacks=wandb_callbacks(storage / name, wandb) + _progress(console, spec, num_samples or e.num_samples),
+            callbacks=[*wandb_callbacks(storage / name, wandb), _progress(spec, num_samples or e.num_samples)],
         ),
     )
     tuner.fit()
@@ -197,19 +196,14 @@ class BudgetLimiter(Searcher):
     cost is estimated from the trials so far (median set-up time, median epoch time after each one's
     first epoch); before any epoch has ended every trial may start. When none fits, the searcher is
     finished: the running trials go on to the deadline and the search ends with them, which is said
-    once on the console (a driver_log.Console) and in the log."""
+    once on the active console (driver_log.active_console) and in the log."""
 
-    def __init__(self, searcher: Searcher, min_epochs: int, console=None):
-        self.searcher, self.min_epochs, self.console = searcher, min_epochs, console
+    def __init__(self, searcher: Searcher, min_epochs: int):
+        self.searcher, self.min_epochs = searcher, min_epochs
         self.stopped = False
         self.epoch_times: dict[str, list[float]] = {}
         self.setup_times: dict[str, float] = {}
         super().__init__(metric=searcher.metric, mode=searcher.mode)
-
-    def __getstate__(self) -> dict:
-        """Tune pickles the searcher with the experiment; the console (open streams) stays behind, and a
-        restored limiter says it in the log only."""
-        return {**self.__dict__, "console": None}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -228,9 +222,11 @@ class BudgetLimiter(Searcher):
             return Searcher.FINISHED
         return self.searcher.suggest(trial_id)
 
-    def _say(self, message: str) -> None:
-        if self.console is not None:
-            self.console.print(message)
+    @staticmethod
+    def _say(message: str) -> None:
+        console = active_console()
+        if console is not None:
+            console.print(message)
         else:
             log.warning(message)
 
@@ -274,11 +270,9 @@ class BudgetLimiter(Searcher):
         self.searcher.on_unpause(trial_id)
 
 
-def _progress(console, spec: SearchSpec, total: int) -> list:
-    if console is None:
-        return []
+def _progress(spec: SearchSpec, total: int) -> ProgressTable:
     searched = [p.name for p in spec.params if p.kind != "fixed"]
-    return [ProgressTable(console, searched, spec.experiment.metric, total)]
+    return ProgressTable(searched, spec.experiment.metric, total)
 
 
 def _checkpoint_config(e) -> tune.CheckpointConfig:

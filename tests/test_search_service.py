@@ -288,6 +288,10 @@ def test_resume_continues_a_search_whose_driver_was_killed(sample_root, tmp_path
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
     assert all(r["status"] == "finished" and r["best_val_miou"] for r in rows)
     assert finished <= {r["trial_id"] for r in rows}
+    # the resumed search shows its progress too: a row for each trial that ended in it, under a header
+    assert re.search(r"^trial\s.*\sepochs\s+best_val_miou\s+status", result.stdout, re.M), result.stdout
+    for trial_id in {r["trial_id"] for r in rows} - finished:
+        assert re.search(rf"^{trial_id}\s.*\sfinished\s", result.stdout, re.M), result.stdout
     for trial_id, lines in before.items():  # kept, not run again
         assert len((next(experiment.glob(f"*{trial_id}*")) / "result.json").read_text().splitlines()) == lines
     assert json.loads((experiment / "launch.json").read_text())["num_samples"] == 4
