@@ -138,6 +138,18 @@ class ClassMap:
         return _canonical(name)
 
 
+def class_map_file(path, key: str, space_dir: Path) -> Path | None:
+    """The class-map file a space's `key` names (relative to the space file's folder), or None."""
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise UserError(f"{key}: expected the path of a class-map file, got {path!r}")
+    file = space_dir / path
+    if not file.is_file():
+        raise UserError(f"{key}: {file} does not exist")
+    return file
+
+
 def class_map_for(path: str | Path | None, unknown: str | None = None) -> ClassMap | None:
     """The class map of the data settings: the file at `path` (if any) with the `unknown` policy;
     None when that leaves the categories as they are (so caches of the plain data are shared)."""

@@ -32,7 +32,7 @@ from errors import UserError
 from labels import IGNORE
 
 from .cache import load_split
-from .classes import ClassMap
+from .classes import ClassMap, class_map_file
 from .dataset import Split
 
 ENTRY_KEYS = ("root", "annotations", "class_map", "share")
@@ -59,7 +59,8 @@ class ExtraSource:
         root = (space_dir / raw["root"]).resolve()
         if not root.is_dir():
             raise UserError(f"{key}.root: {root} does not exist or is not a folder")
-        class_map = _class_map(raw.get("class_map"), key, space_dir)
+        file = class_map_file(raw.get("class_map"), f"{key}.class_map", space_dir)
+        class_map = ClassMap.load(file) if file else None
         return cls(str(root), raw["annotations"], class_map.to_dict() if class_map else None,
                    _share(raw.get("share"), key))
 
@@ -142,12 +143,3 @@ def _share(value, key: str) -> float | None:
     return float(value)
 
 
-def _class_map(path, key: str, space_dir: Path) -> ClassMap | None:
-    if path is None:
-        return None
-    if not isinstance(path, str):
-        raise UserError(f"{key}.class_map: expected the path of a class-map file, got {path!r}")
-    file = space_dir / path
-    if not file.is_file():
-        raise UserError(f"{key}.class_map: {file} does not exist")
-    return ClassMap.load(file)

@@ -21,7 +21,7 @@ from errors import UserError
 from labels import BACKGROUND, IGNORE
 
 from .cache import file_digest, load_split
-from .classes import UNKNOWN_POLICIES, ClassMap, class_map_for
+from .classes import UNKNOWN_POLICIES, ClassMap, class_map_file, class_map_for
 from .coco import CocoSegmentation
 from .dataset import Split
 from .extra_data import ExtraSource, SourceMix, check_shares
@@ -179,10 +179,7 @@ def _section_extra(raw, space_dir: Path) -> tuple[dict, ...]:
 def _section_class_map(path: str | None, unknown: str | None, space_dir: Path) -> ClassMap | None:
     if unknown and unknown not in UNKNOWN_POLICIES:
         raise UserError(f"data.unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
-    file = (space_dir / path) if path else None
-    if file is not None and not file.is_file():
-        raise UserError(f"data.class_map: {file} does not exist")
-    return class_map_for(file, unknown or None)
+    return class_map_for(class_map_file(path, "data.class_map", space_dir), unknown or None)
 
 
 @lru_cache(maxsize=8)

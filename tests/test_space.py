@@ -132,6 +132,7 @@ def test_data_settings_and_data_params_reach_the_trial_constants(tmp_path):
     ("{split: kfold, folds: 1}", "", "data.folds must be at least 2"),
     ("{unknown: drop}", "", "data.unknown must be one of keep, background, ignore"),
     ("{class_map: nope.yaml}", "", "data.class_map: .*nope.yaml does not exist"),
+    ("{class_map: [a.yaml]}", "", r"data.class_map: expected str, got \['a.yaml'\]"),
     ("{}", "  fold: 1\n", "space.fold: folds exist only with data.split: kfold"),
     ("{split: kfold, folds: 3}", "  fold: {int: [0, 3]}\n", r"space.fold: folds are numbered 0..2"),
     ("{}", "  sampler: random\n", "space.sampler: unknown value 'random'"),
