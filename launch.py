@@ -24,7 +24,6 @@ from errors import UserError, exit_cli
 DEFAULT_SPACE = Path(__file__).resolve().parent / "search_spaces" / "quick.yaml"
 
 
-LAUNCH_FILE = "launch.json"  # what --resume needs, saved beside the experiment at start
 DRIVER_LOG = "driver.log"  # everything the search printed, Ray's, Tune's and wandb's output included
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -185,7 +184,7 @@ def _wandb_mode_on_resume(args, wandb_mode: str | None, settings: dict) -> str |
 
 
 def _read_launch_file(experiment: Path) -> dict:
-    from search.experiment import is_experiment
+    from search.experiment import LAUNCH_FILE, is_experiment
 
     path = experiment / LAUNCH_FILE
     if not experiment.is_dir():
@@ -260,6 +259,7 @@ def main(argv=None) -> int:
     if launch is None:  # --dry-run: the plan is printed, nothing started
         return 0
     from driver_log import output_to_log
+    from search.experiment import LAUNCH_FILE
 
     log = launch.experiment / DRIVER_LOG
     try:
@@ -372,6 +372,8 @@ def _start_ray(args, launch: Launch, console) -> None:
 
 def _write_launch_file(args, launch: Launch) -> None:
     """What --resume needs, beside the experiment."""
+    from search.experiment import LAUNCH_FILE
+
     e = launch.settings
     write_atomically(launch.experiment / LAUNCH_FILE, json.dumps({
         "space": str(args.space.resolve()), "experiment": dataclasses.asdict(e), "data_root": str(launch.data_root),

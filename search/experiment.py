@@ -23,6 +23,7 @@ from models.metrics import METRIC_MODES
 from .space import TRIAL_PARAMS
 
 LEADERBOARD_FILE = "leaderboard.csv"
+LAUNCH_FILE = "launch.json"  # written by launch.py at the search's start: what --resume needs
 LEADERBOARD_COLUMNS = ["experiment", "trial_id", "best_val_miou", "best_epoch", "epochs", "status", "time_s"]
 
 
@@ -155,7 +156,7 @@ def leaderboard_rows(trials: list[TrialRecord], experiment: str | Path | None = 
 
 
 def _launch_settings(experiment: str | Path | None) -> dict:
-    path = Path(experiment) / "launch.json" if experiment else None
+    path = Path(experiment) / LAUNCH_FILE if experiment else None
     if path is None or not path.is_file():
         return {}
     settings = json.loads(path.read_text())
