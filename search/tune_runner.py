@@ -216,9 +216,9 @@ class BudgetLimiter(Searcher):
         deadline = search_deadline()
         if needed is not None and deadline is not None and time.time() + needed > deadline:
             if not self.stopped:
+                self.stopped = True
                 self._say(f"time budget: {deadline - time.time():.0f} s left, a new trial needs about {needed:.0f} s "
                           f"for {self.min_epochs} epoch(s); no more trials start, the running ones end by the deadline")
-            self.stopped = True
             return Searcher.FINISHED
         return self.searcher.suggest(trial_id)
 
