@@ -25,7 +25,10 @@ def test_the_pretrained_space_starts_from_its_measured_recipe():
     spec = load_space(ROOT / "search_spaces" / "cpu_pretrained.yaml")
     params = {p.name: p for p in spec.params}
     assert params["encoder_weights"].values == ("imagenet",) and params["backbone"].values[0].startswith("tu-")
-    assert spec.first_trials == ({"lr": 3.0e-3},) and params["lr"].admits(3.0e-3)
+    assert all(t["lr"] == 3.0e-3 for t in spec.first_trials) and params["lr"].admits(3.0e-3)
+    # one trial on whole frames, one on crops of larger frames: two views for val (and the ensemble) to choose from
+    assert [(t["resize"], t.get("crop")) for t in spec.first_trials] == [(160, None), (256, 160)]
+    assert params["crop"].active({"resize": 256}) and not params["crop"].active({"resize": 160})
 
 
 def test_sampler_suggests_focal_gamma_only_for_focal_loss(tmp_path):
