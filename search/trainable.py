@@ -41,6 +41,7 @@ from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
 from models.factory import build_model, input_normalization
+from models.host_memory import reuse_freed_memory
 from models.losses import build_loss
 from models.metrics import METRIC_MODES
 from models.open_set import UnknownScoring, open_set_loss
@@ -142,6 +143,7 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
     cfg = {**trial_defaults(), **config}
     cpus = _trial_cpus(cfg)
     torch.set_num_threads(cpus)
+    reuse_freed_memory()
     torch.manual_seed(cfg.get("seed", 0))
     device = device or _device()
 
