@@ -211,10 +211,8 @@ def _print_plan(launch: Launch, checked, args) -> None:
         at_once = f"as the cluster at {args.address} allows (not known without joining it)"
     else:
         at_once = f"up to {concurrency(e, os.cpu_count() or 1, args.gpus)} at once ({os.cpu_count()} CPUs, {args.gpus:g} GPUs)"
-    rungs = [e.grace_period * e.reduction_factor ** k
-             for k in range(int(math.log(e.max_epochs / e.grace_period, e.reduction_factor) + 1e-9) + 1)]
     stopping = (f"ASHA grace_period {e.grace_period}, reduction_factor {e.reduction_factor} "
-                f"(rungs at epochs {', '.join(map(str, rungs))})" if e.scheduler == "asha" else "FIFO (no early stopping)")
+                f"(rungs at epochs {', '.join(map(str, e.rungs))})" if e.scheduler == "asha" else "FIFO (no early stopping)")
     print(f"Dry run: nothing started.\nData: {launch.data_root} ({checked.summary}, {checked.num_classes} classes)\n"
           f"Space: {args.space}\nExperiment: {launch.experiment}\n"
           f"Trials: {args.num_samples or e.num_samples}, {at_once}; each {res['cpu']:g} CPUs, {res['gpu']:g} GPUs\n"

@@ -21,10 +21,12 @@ WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict) -> None:
+def save_checkpoint(directory: str | Path, model: nn.Module | dict, meta: dict) -> None:
+    """model.pt from a model or its state_dict, and model.json from meta."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: v.detach().cpu() for k, v in weights.items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         torch.save(state, tmp)
     write_atomically(directory / META_FILE, json.dumps(meta, indent=2))

@@ -91,6 +91,9 @@ class ExperimentSettings:
     gpus_per_trial: float = 1.0  # used only when GPUs are given to the search
     max_failures: int = 1  # retries of a trial that raises before it is recorded as errored
     checkpoint: str = "best"  # the checkpoint each trial keeps: best (by metric) or last (its final weights)
+    # The longest a trial holds a new checkpoint in memory before writing it (it always writes at the
+    # scheduler's rungs and at its last epoch): what a crash can cost; 0 writes each one at once.
+    checkpoint_interval_s: float = 300.0
     # Under a time budget no trial starts unless this many epochs fit before the deadline; 0: the larger
     # of ASHA's grace_period and a quarter of max_epochs (a shorter trial is no useful candidate).
     min_epochs: int = 0
@@ -98,6 +101,14 @@ class ExperimentSettings:
     @property
     def useful_epochs(self) -> int:
         return self.min_epochs or max(self.grace_period, math.ceil(self.max_epochs / 4))
+
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        """The epochs at which ASHA compares trials and may stop them (none under FIFO)."""
+        if self.scheduler != "asha":
+            return ()
+        count = int(math.log(self.max_epochs / self.grace_period, self.reduction_factor) + 1e-9) + 1
+        return tuple(self.grace_period * self.reduction_factor ** k for k in range(count))
 
 
 SCHEDULERS = ("asha", "fifo")
@@ -224,6 +235,8 @@ def _check_experiment(e: ExperimentSettings) -> None:
         raise UserError(f"experiment.gpus_per_trial must be >= 0, got {e.gpus_per_trial}")
     if e.max_failures < 0:
         raise UserError(f"experiment.max_failures must be >= 0, got {e.max_failures}")
+    if not e.checkpoint_interval_s >= 0:
+        raise UserError(f"experiment.checkpoint_interval_s must be >= 0 seconds, got {e.checkpoint_interval_s!r}")
 
 
 def _check_folds(params: list[Param], d: DataSpec) -> None:

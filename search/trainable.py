@@ -84,7 +84,9 @@ class Trial:
     deadline: float | None = None  # unix time by which the trial finishes (a search time budget)
     epoch: int = 0  # epochs done
     last_epoch: int = 0  # the epoch it plans to end with: max_epochs, or fewer that fit before the deadline
-    epoch_times: list[float] = field(default_factory=list)  # wall s of the epochs this run trained, all included
+    epoch_times: list[float] = field(default_factory=list)  # wall s of the epochs this run trained
+    held: HeldCheckpoint | None = None  # the checkpoint to keep, copied to host memory
+    written_at: float = field(default_factory=time.monotonic)  # when a checkpoint was last handed over
     best: float = math.nan  # best value so far of the ranking metric (cfg["metric"])
     best_val_miou: float = -math.inf  # reported too, whatever the ranking metric
 
@@ -104,6 +106,18 @@ class Trial:
 
     def swa_active(self, epoch: int) -> bool:
         return self.swa is not None and epoch > self.last_epoch - self.swa_epochs
+
+
+@dataclass
+class HeldCheckpoint:
+    """A checkpoint held in host memory until the trial hands it over: the files save_trial_checkpoint
+    writes, as tensors copied out of the live model and optimiser (into the previous copy's buffers,
+    so holding a new one allocates nothing)."""
+    weights: dict
+    meta: dict
+    train_state: dict
+    epoch: int
+    written: bool = False
 
 
 def train_segmentation(config: dict) -> None:
@@ -252,13 +266,26 @@ def run_epochs(trial: Trial, report: Report) -> None:
             trial.best = val[trial.metric]
         metrics.update({f"best_{trial.metric}": trial.best, "best_val_miou": trial.best_val_miou})
         if improved or trial.cfg.get("checkpoint") == "last":
-            with tempfile.TemporaryDirectory() as directory:
-                save_trial_checkpoint(trial, scored, val, directory, curve)
-                report(metrics, directory)
-        else:
-            report(metrics, None)
+            trial.held = hold_checkpoint(trial, scored, val, curve)
         trial.epoch_times.append(time.perf_counter() - started)
         plan_to_deadline(trial)
+        if trial.held is not None and not trial.held.written and _write_now(trial):
+            with tempfile.TemporaryDirectory() as directory:
+                write_held_checkpoint(trial.held, directory)
+                report(metrics, directory)
+            trial.held.written, trial.written_at = True, time.monotonic()
+        else:
+            report(metrics, None)
+
+
+def _write_now(trial: Trial) -> bool:
+    """Whether the held checkpoint goes to Tune with this epoch's report: at the trial's last planned
+    epoch and at the scheduler's rungs (where it may be stopped), and once checkpoint_interval_s has
+    passed since the last one (0, or a config without rungs, as in direct calls: every time).
+    Writing less often saves each checkpoint's two writes (here, and Tune's copy into the experiment)."""
+    interval = trial.cfg.get("checkpoint_interval_s", 0.0)
+    return (trial.epoch >= trial.last_epoch or trial.epoch in trial.cfg.get("rungs", ())
+            or time.monotonic() - trial.written_at >= interval)
 
 
 def plan_to_deadline(trial: Trial, now: float | None = None) -> None:
@@ -301,11 +328,11 @@ def _average_weights(trial: Trial) -> nn.Module:
     return trial.swa.module
 
 
-def save_trial_checkpoint(trial: Trial, scored: nn.Module, val: dict, directory: str | Path,
-                          curve: list[dict] | None = None) -> None:
-    """model.pt: the weights that scored val (the averaged ones in SWA epochs, without AveragedModel's
-    `module.` prefix), model.json, and train_state.pt: what a restore needs to go on training. An
-    open-set model's model.json holds its rejection threshold and open-set curve on val."""
+def _checkpoint_parts(trial: Trial, scored: nn.Module, val: dict, curve: list[dict] | None) -> tuple[dict, dict, dict]:
+    """(weights, meta, train state) of a checkpoint now, the tensors the live ones. weights: those
+    that scored val (the averaged ones in SWA epochs, without AveragedModel's `module.` prefix); meta:
+    model.json (an open-set model's holds its rejection threshold and open-set curve on val); train
+    state: what a restore needs to go on training."""
     meta = {**trial.meta, "epoch": trial.epoch, "metrics": val, "best_val_miou": trial.best_val_miou,
             "best": trial.best}
     if "open_set" in meta:
@@ -315,8 +342,44 @@ def save_trial_checkpoint(trial: Trial, scored: nn.Module, val: dict, directory:
     if scored is not trial.model:
         meta["averaged_epochs"] = int(trial.swa.n_averaged)
         state["model"], state["swa"] = trial.model.state_dict(), trial.swa.state_dict()
-    save_checkpoint(directory, scored, meta)
+    return scored.state_dict(), meta, state
+
+
+def save_trial_checkpoint(trial: Trial, scored: nn.Module, val: dict, directory: str | Path,
+                          curve: list[dict] | None = None) -> None:
+    """model.pt, model.json and train_state.pt of the trial now (_checkpoint_parts) in directory."""
+    weights, meta, state = _checkpoint_parts(trial, scored, val, curve)
+    save_checkpoint(directory, weights, meta)
     torch.save(state, Path(directory) / TRAIN_STATE_FILE)
+
+
+def hold_checkpoint(trial: Trial, scored: nn.Module, val: dict, curve: list[dict] | None = None) -> HeldCheckpoint:
+    """The trial's checkpoint now, copied to host memory (into the buffers of the one it held before)."""
+    weights, meta, state = _checkpoint_parts(trial, scored, val, curve)
+    previous = trial.held or HeldCheckpoint({}, {}, {}, 0)
+    return HeldCheckpoint(_host_copy(weights, previous.weights), meta, _host_copy(state, previous.train_state),
+                          trial.epoch)
+
+
+def write_held_checkpoint(held: HeldCheckpoint, directory: str | Path) -> None:
+    save_checkpoint(directory, held.weights, held.meta)
+    torch.save(held.train_state, Path(directory) / TRAIN_STATE_FILE)
+
+
+def _host_copy(value, into=None):
+    """value with every tensor copied to the CPU: into into's tensor at the same place where it has
+    the same shape and dtype (no new memory), else into a new one; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        if isinstance(into, torch.Tensor) and into.shape == value.shape and into.dtype == value.dtype:
+            return into.copy_(value.detach())
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        into = into if isinstance(into, dict) else {}
+        return {k: _host_copy(v, into.get(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(value) else [None] * len(value)
+        return type(value)(_host_copy(v, i) for v, i in zip(value, into))
+    return value
 
 
 def restore(trial: Trial, directory: str | Path) -> None:

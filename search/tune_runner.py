@@ -113,7 +113,7 @@ def trial_constants(spec: SearchSpec, data_root: Path, skip=()) -> dict:
     data = replace(spec.data, root=str(data_root), skip=tuple(sorted(skip))).constants()
     e = spec.experiment
     return {**data, "max_epochs": e.max_epochs, "seed": e.seed, "metric": e.metric, "mode": e.mode,
-            "checkpoint": e.checkpoint}
+            "checkpoint": e.checkpoint, "checkpoint_interval_s": e.checkpoint_interval_s, "rungs": list(e.rungs)}
 
 
 def concurrency(e, cpus: float, gpus: float) -> int:
@@ -276,10 +276,13 @@ def _progress(spec: SearchSpec, total: int) -> ProgressTable:
 
 
 def _checkpoint_config(e) -> tune.CheckpointConfig:
-    """One checkpoint per trial: the best by the ranking metric, or the latest (checkpoint: last)."""
+    """One checkpoint per trial: the best by the ranking metric, or the latest (checkpoint: last).
+    A trial may hand over its best checkpoint epochs after it was made (search.trainable._write_now),
+    with a later epoch's metrics: it is ranked by best_<metric>, which is that checkpoint's score."""
     if e.checkpoint == "last":
         return tune.CheckpointConfig(num_to_keep=1)
-    return tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=e.metric, checkpoint_score_order=e.mode)
+    return tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=f"best_{e.metric}",
+                                 checkpoint_score_order=e.mode)
 
 
 def resume_search(experiment: Path, resources: dict) -> Path:

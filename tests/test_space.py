@@ -82,6 +82,7 @@ def test_same_seed_gives_same_suggestions():
     ("experiment: {num_samples: many}\nspace: {lr: 0.1}", r"experiment.num_samples: expected int, got 'many'"),
     ("experiment: {scheduler: hyperband}\nspace: {lr: 0.1}", r"experiment.scheduler must be one of asha, fifo, got 'hyperband'"),
     ("experiment: {checkpoint: final}\nspace: {lr: 0.1}", r"experiment.checkpoint must be one of best, last, got 'final'"),
+    ("experiment: {checkpoint_interval_s: -1}\nspace: {lr: 0.1}", r"experiment.checkpoint_interval_s must be >= 0 seconds, got -1"),
     ("space: {crop: 100}", r"space.crop: crop must be null \(whole images\) or an integer multiple of 32, got 100"),
     ("space: {resize: 128, crop: {choice: [96, 160]}}", r"space.crop: crop 160 is larger than resize 128"),
     ("space: {encoder_lr_scale: 2}", r"space.encoder_lr_scale: encoder_lr_scale must be a number in \(0, 1\]"),
@@ -128,6 +129,19 @@ def test_data_settings_and_data_params_reach_the_trial_constants(tmp_path):
     assert constants["split"] == "kfold" and constants["folds"] == 4 and constants["split_seed"] == 2
     assert constants["class_map"] == spec.class_map.to_dict() and constants["skip_images"] == ["a.jpg", "b.jpg"]
     assert "fold" not in constants  # searched, so it must not be overridden by a constant
+
+
+@pytest.mark.parametrize("experiment, rungs", [
+    ("{max_epochs: 8, grace_period: 1, reduction_factor: 2}", [1, 2, 4, 8]),
+    ("{max_epochs: 10, grace_period: 2, reduction_factor: 3}", [2, 6]),
+    ("{max_epochs: 8, scheduler: fifo}", []),
+])
+def test_trials_know_the_rungs_where_the_scheduler_may_stop_them(tmp_path, experiment, rungs):
+    from search.tune_runner import trial_constants
+
+    spec = load_space(_write(tmp_path, f"experiment: {experiment}\nspace: {{lr: 0.1}}"))
+    constants = trial_constants(spec, Path("/data"))
+    assert constants["rungs"] == rungs and constants["checkpoint_interval_s"] == 300.0
 
 
 @pytest.mark.parametrize("data, space, message", [

@@ -212,6 +212,35 @@ def test_a_trial_that_keeps_its_last_checkpoint_saves_every_epoch_and_restores_i
     assert again.epoch == 3 and again.best == max(m["val_miou"] for m in reports)
 
 
+def test_a_trial_holds_its_best_checkpoint_in_memory_and_hands_it_over_at_the_rungs_and_its_end(sample_root, tmp_path):
+    import shutil
+
+    config = {"data_root": str(sample_root), "train_ann": "val.json", "val_ann": "val.json", "resize": 64,
+              "batch_size": 4, "max_epochs": 4, "augmentation": "none", "lr": 3e-3,
+              "rungs": [2], "checkpoint_interval_s": 3600.0}
+    trial = build_trial(config)
+    scores, weights, written = [], {}, {}
+
+    def report(metrics, directory):
+        epoch = metrics["epoch"]
+        scores.append(metrics["val_miou"])
+        weights[epoch] = {k: v.clone() for k, v in trial.model.state_dict().items()}
+        if directory is not None:
+            written[epoch] = shutil.copytree(directory, tmp_path / f"epoch{epoch}")
+
+    run_epochs(trial, report)
+    assert 2 in written and set(written) <= {2, 4}  # the rung, and the end if it improved after the rung
+    for epoch, directory in written.items():
+        best = max(range(epoch), key=lambda i: (scores[i], -i)) + 1  # the first epoch with the best score so far
+        model, meta = load_checkpoint(directory)
+        assert meta["epoch"] == best and meta["metrics"]["val_miou"] == scores[best - 1]
+        assert all(torch.equal(v, weights[best][k]) for k, v in model.state_dict().items())  # not later weights
+    last = max(written)
+    again = build_trial(config)
+    restore(again, written[last])
+    assert again.epoch == load_checkpoint(written[last])[1]["epoch"] and again.best == max(scores[:last])
+
+
 class _Stop(Exception):
     pass
 
