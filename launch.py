@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -277,6 +278,7 @@ def _run(args, launch: Launch, console) -> int:
     _start_ray(args, launch, console)
     from search.tune_runner import resume_search, run_search, trial_resources
 
+    stopping = None
     try:
         if args.resume:
             resume_search(launch.experiment, trial_resources(launch.settings, launch.gpus))
@@ -285,9 +287,16 @@ def _run(args, launch: Launch, console) -> int:
             run_search(launch.spec, launch.data_root, storage=launch.experiment.parent, name=launch.experiment.name,
                        gpus=launch.gpus, num_samples=args.num_samples, skip=launch.skip,
                        wandb=launch.wandb_mode is not None, time_budget_s=args.time_budget)
+        # The leaderboard and report read files only: Ray shuts down meanwhile (about a second,
+        # spent waiting for its processes to exit one after another).
+        stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+        stopping.start()
         return _finish(launch, console)
-    finally:
-        ray.shutdown()  # while the output still goes to the log: the workers' last words land there
+    finally:  # while the output still goes to the log: the workers' last words land there
+        if stopping is None:
+            ray.shutdown()
+        else:
+            stopping.join()
 
 
 def _resumed(args) -> Launch:
