@@ -303,10 +303,10 @@ def test_fractional_fake_gpus_pack_eight_trials_at_once_each_with_a_gpu_id(sampl
     from search.tune_runner import concurrency, run_search, start_ray
 
     (tmp_path / "space.yaml").write_text(
-        # 8 epochs a trial: eight actors importing torch share two cores, so the first trials start ~20 s
-        # before the last; shorter trials could end before the eighth had started (and its trial would
-        # reuse a finished one's actor and GPU)
-        SPACE.replace("num_samples: 2, max_epochs: 2, grace_period: 2", "num_samples: 8, max_epochs: 8, grace_period: 8")
+        # 16 epochs a trial (~30 s): eight actors importing torch share two cores, so the first trials
+        # start ~15-20 s before the last; shorter trials could end before the eighth had started (and its
+        # trial would reuse a finished one's actor and GPU)
+        SPACE.replace("num_samples: 2, max_epochs: 2, grace_period: 2", "num_samples: 8, max_epochs: 16, grace_period: 16")
         .replace("cpus_per_trial: 1", "cpus_per_trial: 0.25, gpus_per_trial: 0.5").replace("resize: 64", "resize: 32"))
     spec = load_space(tmp_path / "space.yaml")
     assert concurrency(spec.experiment, 2, 4) == 8
@@ -322,7 +322,8 @@ def test_fractional_fake_gpus_pack_eight_trials_at_once_each_with_a_gpu_id(sampl
     assert sorted(sum(ids, [])) == ["0", "0", "1", "1", "2", "2", "3", "3"]  # two half-GPU trials per GPU
     assert len({r["pid"] for r in results}) == 8  # eight actors: none was free to reuse
     starts = [r["timestamp"] - r["time_total_s"] for r in results]
-    assert max(starts) <= min(r["timestamp"] for r in results), starts  # all eight ran at the same time
+    ends = [r["timestamp"] + 1 for r in results]  # Ray's timestamps are whole seconds, rounded down
+    assert max(starts) <= min(ends), (starts, ends)  # all eight ran at the same time
 
 
 def test_a_search_joining_a_two_node_cluster_runs_trials_on_both_and_writes_one_experiment(sample_root, tmp_path):
