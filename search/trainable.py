@@ -116,7 +116,6 @@ class HeldCheckpoint:
     weights: dict
     meta: dict
     train_state: dict
-    epoch: int
     written: bool = False
 
 
@@ -348,20 +347,18 @@ def _checkpoint_parts(trial: Trial, scored: nn.Module, val: dict, curve: list[di
 def save_trial_checkpoint(trial: Trial, scored: nn.Module, val: dict, directory: str | Path,
                           curve: list[dict] | None = None) -> None:
     """model.pt, model.json and train_state.pt of the trial now (_checkpoint_parts) in directory."""
-    weights, meta, state = _checkpoint_parts(trial, scored, val, curve)
-    save_checkpoint(directory, weights, meta)
-    torch.save(state, Path(directory) / TRAIN_STATE_FILE)
+    write_held_checkpoint(HeldCheckpoint(*_checkpoint_parts(trial, scored, val, curve)), directory)
 
 
 def hold_checkpoint(trial: Trial, scored: nn.Module, val: dict, curve: list[dict] | None = None) -> HeldCheckpoint:
     """The trial's checkpoint now, copied to host memory (into the buffers of the one it held before)."""
     weights, meta, state = _checkpoint_parts(trial, scored, val, curve)
-    previous = trial.held or HeldCheckpoint({}, {}, {}, 0)
-    return HeldCheckpoint(_host_copy(weights, previous.weights), meta, _host_copy(state, previous.train_state),
-                          trial.epoch)
+    previous = trial.held or HeldCheckpoint({}, {}, {})
+    return HeldCheckpoint(_host_copy(weights, previous.weights), meta, _host_copy(state, previous.train_state))
 
 
 def write_held_checkpoint(held: HeldCheckpoint, directory: str | Path) -> None:
+    """The checkpoint's files in directory: model.pt and model.json (models.checkpoint), train_state.pt."""
     save_checkpoint(directory, held.weights, held.meta)
     torch.save(held.train_state, Path(directory) / TRAIN_STATE_FILE)
 
