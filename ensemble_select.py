@@ -31,6 +31,10 @@ def parse_args(argv):
     parser.add_argument("--no-class-filter", action="store_true",
                         help="keep every predicted pixel (default: per-class thresholds chosen on val relabel "
                              "doubtful pixels as background, and never predict a class that only loses on val)")
+    parser.add_argument("--no-class-scales", action="store_true",
+                        help="take the top class of the weighted probabilities as they are (default: per-class "
+                             "factors chosen on val raise the rare classes averaging dilutes; with them, the "
+                             "weights are chosen again among the selection's and the best N members')")
     parser.add_argument("--latency-budget", type=float, default=None, metavar="MS",
                         help="most inference ms per image the ensemble may take (members timed on a val batch)")
     parser.add_argument("--pseudo-labels", type=Path, default=None, metavar="FILE",
@@ -60,7 +64,7 @@ def main(argv=None) -> int:
     summary = build_ensemble(experiment, EnsembleOptions(
         topk=args.topk, backbone=args.backbone, size=args.size, out=args.out, data_root=args.data,
         max_rounds=args.max_rounds, tta=args.tta, per_class=args.per_class, latency_budget=args.latency_budget,
-        class_filter=not args.no_class_filter, pseudo_labels=args.pseudo_labels,
+        class_filter=not args.no_class_filter, class_scales=not args.no_class_scales, pseudo_labels=args.pseudo_labels,
         pseudo_threshold=args.pseudo_threshold))
     print(f"Submission: {summary['submission']} ({summary['test_images']} images, {args.size}x{args.size})")
     print(f"Ensemble: val mIoU {summary['val_miou']:.4f}, {summary['ms_per_image']:.1f} ms per image on "

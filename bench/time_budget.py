@@ -85,7 +85,8 @@ def main() -> None:
               "ensemble_s": round(ensemble_s), "total_s": round(search_s + ensemble_s),
               "test_miou": round(score["miou"], 4), "best_single_test_miou": round(single_score["miou"], 4),
               "test_per_class_iou": {n: round(v, 3) for n, v in score["per_class_iou"].items() if v is not None},
-              "class_filter": summary.get("class_filter"), "ensemble_val_miou": round(summary["val_miou"], 4),
+              "class_scales": summary.get("class_scales"), "class_filter": summary.get("class_filter"),
+              "ensemble_val_miou": round(summary["val_miou"], 4),
               "best_trial_val_miou": round(best.best_val_miou, 4), "slots": slots, **split}
     print("test IoU per class: " + ", ".join(f"{n} {v:.3f}" for n, v in result["test_per_class_iou"].items()))
     print(f"best single trial (--topk 1): test mIoU {result['best_single_test_miou']:.4f}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -54,20 +54,31 @@ def has_weight(weight) -> bool:
     return any(weight) if isinstance(weight, (list, tuple)) else bool(weight)
 
 
-def weighted_sum(terms: Terms) -> torch.Tensor:
-    """Sum of weight * probabilities over the members that take part (float32 [B, C, H, W])."""
-    return sum(weigh(w, p) for w, p in terms if has_weight(w))
+def weighted_sum(terms: Terms, scales: Sequence[float] | None = None) -> torch.Tensor:
+    """Sum of weight * probabilities over the members that take part (float32 [B, C, H, W]), each class
+    times its factor of `scales` (models.class_scales) when given."""
+    total = sum(weigh(w, p) for w, p in terms if has_weight(w))
+    return total if scales is None else weigh(list(scales), total)
 
 
-def combine(terms: Terms, reject: tuple[float, int] | None = None,
-            class_filter: ClassFilter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+class Decision(NamedTuple):
+    """What turns an ensemble's weighted probabilities into labels, besides the weights (combine's
+    arguments after the terms, in its order)."""
+    reject: tuple[float, int] | None = None
+    class_filter: ClassFilter | None = None
+    scales: Sequence[float] | None = None
+
+
+def combine(terms: Terms, reject: tuple[float, int] | None = None, class_filter: ClassFilter | None = None,
+            scales: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """How an ensemble labels pixels: (labels [B, H, W] int64, top-class share [B, H, W]) of its members'
     weighted probabilities (terms: (weight, [B, C, H, W] probabilities) pairs, uint8 or float).
 
-    The label is the top class (first on ties); the share is its part of the weighted sum. reject:
-    (threshold, label) of an open-set ensemble: a share below the threshold gets that label.
-    class_filter: the ensemble's per-class false-positive control, applied last."""
-    total = weighted_sum(terms)
+    The label is the top class (first on ties) of the weighted sum, each class times its factor of
+    `scales` (models.class_scales) when given; the share is its part of that sum. reject: (threshold,
+    label) of an open-set ensemble: a share below the threshold gets that label. class_filter: the
+    ensemble's per-class false-positive control, applied last."""
+    total = weighted_sum(terms, scales)
     share, labels = (total / total.sum(dim=1, keepdim=True)).max(dim=1)
     if reject is not None:
         labels[share < reject[0]] = reject[1]
@@ -77,23 +88,24 @@ def combine(terms: Terms, reject: tuple[float, int] | None = None,
 
 
 def combine_in_chunks(terms: Terms, reject: tuple[float, int] | None = None,
-                      class_filter: ClassFilter | None = None, chunk: int = 8):
+                      class_filter: ClassFilter | None = None, scales: Sequence[float] | None = None, chunk: int = 8):
     """combine over [N, ...] members' probabilities a few images at a time: yields (labels, share) chunks,
     so that no full-size float32 copy of the members is ever made."""
     count = len(terms[0][1])
     for start in range(0, count, chunk):
-        yield combine([(w, p[start:start + chunk]) for w, p in terms], reject, class_filter)
+        yield combine([(w, p[start:start + chunk]) for w, p in terms], reject, class_filter, scales)
 
 
-def ensemble_confusion(terms: Terms, labels: torch.Tensor, num_classes: int, chunk: int = 8) -> torch.Tensor:
-    """Confusion matrix of argmax(sum of weight * probabilities) against labels [N, H, W].
+def ensemble_confusion(terms: Terms, labels: torch.Tensor, num_classes: int, chunk: int = 8,
+                       scales: Sequence[float] | None = None) -> torch.Tensor:
+    """Confusion matrix of argmax(sum of weight * probabilities, times `scales`) against labels [N, H, W].
 
     Summed a few images at a time, so no full-size float32 copy of the members is ever made. With
     uint8 probabilities and integer weights (selection counts) the sums are exact.
     """
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for start in range(0, len(labels), chunk):
-        total = weighted_sum([(w, p[start:start + chunk]) for w, p in terms])
+        total = weighted_sum([(w, p[start:start + chunk]) for w, p in terms], scales)
         conf += confusion_matrix(labels[start:start + chunk], to_labels(total), num_classes)
     return conf
 

@@ -152,7 +152,7 @@ def unknown_data(trials: list[TrialRecord], summary: dict | None) -> dict | None
 def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(val images uint8 [N, S, S, 3], val labels [N, S, S], ensemble predictions [N, S, S], file names) at the
     submission size, from the members' cached val probabilities, labelled as ensemble_select.py
-    labels them (weights, rejection, class filter: models.ensemble.combine)."""
+    labels them (weights, rejection, class filter, class scales: models.ensemble.combine)."""
     from data_pipeline.trial_data import DataSpec
     from models.ensemble import combine_in_chunks, has_weight
     from search.ensemble_job import load_val_cache, member_weight, saved_decision
@@ -160,8 +160,7 @@ def ensemble_val_labels(summary: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
     used = [m for m in summary["members"] if has_weight(member_weight(m["weight"]))]
     val = DataSpec.from_config(used[0]["config"], summary["data_root"]).val_split(summary["size"])
     terms = [(member_weight(m["weight"]), load_val_cache(Path(m["val_cache"]))) for m in used]
-    reject, class_filter = saved_decision(summary)
-    predictions = [labels.to(torch.uint8).numpy() for labels, _ in combine_in_chunks(terms, reject, class_filter)]
+    predictions = [labels.to(torch.uint8).numpy() for labels, _ in combine_in_chunks(terms, *saved_decision(summary))]
     # copies: the cache is read-only
     return np.array(val.images), np.array(val.masks), np.concatenate(predictions), list(val.file_names)
 

@@ -24,8 +24,9 @@ from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint
 from models.class_filter import ClassFilter, FilterFit, fit_class_filter
-from models.ensemble import (ClassSelection, OverBudget, Selection, combine, combine_in_chunks, ensemble_selection,
-                             has_weight, per_class_selection, quantize)
+from models.class_scales import ScaledChoice, choose_with_scales, scales_from_dict
+from models.ensemble import (ClassSelection, Decision, OverBudget, Selection, combine, combine_in_chunks,
+                             ensemble_selection, has_weight, per_class_selection, quantize)
 from models.inference import predict_batch
 from models.optim import inference_amp
 from models.metrics import iou_per_class
@@ -129,6 +130,7 @@ class GroupEnsemble:
     val_cache: list[Path]  # each member's cached val probabilities
     ms_per_image: list[float]  # each member's inference time per image
     class_selection: ClassSelection | None = None  # with --per-class
+    scaled: ScaledChoice | None = None  # the weights kept with their class scales (models.class_scales)
     rejection: dict | None = None  # with open-set members: unknown_label, reject_label, threshold, curve, ...
     filter_fit: FilterFit | None = None  # the per-class false-positive control chosen on val
 
@@ -148,6 +150,8 @@ class GroupEnsemble:
     def unfiltered_confusion(self) -> torch.Tensor:
         if self.rejection:
             return self.rejection["confusion"]
+        if self.scaled:
+            return self.scaled.confusion
         return (self.class_selection or self.selection).confusion
 
     @property
@@ -160,6 +164,8 @@ class GroupEnsemble:
             return self.filter_fit.val_miou
         if self.rejection:
             return self.rejection["curve"][self.rejection["index"]]["miou"]
+        if self.scaled:
+            return self.scaled.val_miou
         return (self.class_selection or self.selection).val_miou
 
     @property
@@ -172,6 +178,15 @@ class GroupEnsemble:
         return self.filter_fit.filter if self.filter_fit else None
 
     @property
+    def scales(self) -> list[float] | None:
+        return self.scaled.fit.scales if self.scaled else None
+
+    @property
+    def decision(self) -> Decision:
+        """How the weighted probabilities become labels (models.ensemble.combine's arguments)."""
+        return Decision(self.reject, self.class_filter, self.scales)
+
+    @property
     def class_names(self) -> list[str]:
         return self.members[0].meta["class_names"]
 
@@ -182,6 +197,8 @@ class GroupEnsemble:
     @property
     def weights(self) -> list:
         """Per member: one weight, or one per class with --per-class."""
+        if self.scaled:
+            return self.scaled.weights
         return (self.class_selection or self.selection).weights
 
 
@@ -198,6 +215,7 @@ class EnsembleOptions:
     per_class: bool = False  # refine the weights class by class (models.ensemble.per_class_selection)
     latency_budget: float | None = None  # most ms per image the members may take together
     class_filter: bool = True  # fit per-class thresholds on val (models.class_filter)
+    class_scales: bool = True  # fit per-class factors on val (models.class_scales)
     pseudo_labels: Path | None = None  # also write the confident test predictions as COCO there
     pseudo_threshold: float = 0.9
 
@@ -229,6 +247,8 @@ def select_group(trials: list[TrialRecord], backbone: str, options: EnsembleOpti
         refined = per_class_selection(probs, labels, num_classes, selection.counts, max_rounds=max_rounds, **budget)
         _log_class_selection(refined, members, members[0].meta["class_names"], log)
     group = GroupEnsemble(backbone, data, members, selection, paths, ms, refined)
+    if options.class_scales:
+        group.scaled = _choose_with_scales(group, probs, labels, num_classes, ms, budget_ms, log)
     group.rejection = _ensemble_rejection(group, probs, labels, num_classes, log)
     if options.class_filter:
         group.filter_fit = _fit_class_filter(group, probs, labels, num_classes, log)
@@ -315,6 +335,10 @@ def _summary(experiment: Path, group: GroupEnsemble, groups: list[GroupEnsemble]
         "ms_per_image": group.ensemble_ms_per_image, "latency_budget_ms": options.latency_budget,
         "device": str(device),
         "open_set": group.rejection and {k: v for k, v in group.rejection.items() if k not in ("confusion", "index")},
+        "class_scales": group.scaled and {
+            "rules": group.scaled.fit.to_dict(class_names), "weights_of": group.scaled.name,
+            "tried": group.scaled.tried, "val_miou_before": (refined or selection).val_miou,
+            "val_gain": group.scaled.val_miou - (refined or selection).val_miou},
         "class_filter": fit and {"rules": fit.filter.to_dict(class_names), "val_miou_before": fit.val_miou_before,
                                  "val_gain": fit.val_miou - fit.val_miou_before,
                                  "unseen": [class_names[c] for c in fit.unseen]},
@@ -344,7 +368,7 @@ def _ensemble_rejection(group: GroupEnsemble, probs: list[torch.Tensor], labels:
     unknown, reject = open_set[0]["unknown_label"], open_set[0]["reject_label"]
     sweep = UnknownScoring(unknown, open_set=True, rule="softmax", reject_label=reject).sweep(num_classes)
     for start, (predicted, share) in zip(range(0, len(labels), chunk),
-                                         combine_in_chunks(group.terms(probs), chunk=chunk)):
+                                         combine_in_chunks(group.terms(probs), scales=group.scales, chunk=chunk)):
         sweep.add(labels[start:start + chunk], predicted, share)
     index = sweep.best()
     curve = sweep.curve()
@@ -355,11 +379,35 @@ def _ensemble_rejection(group: GroupEnsemble, probs: list[torch.Tensor], labels:
             "index": index, "curve": curve, "confusion": sweep.confusions()[index]}
 
 
+def _choose_with_scales(group: GroupEnsemble, probs: list[torch.Tensor], truth: torch.Tensor, num_classes: int,
+                        ms: list[float], budget_ms: float | None, log) -> ScaledChoice:
+    """The weights and class scales (models.class_scales) with the best val mIoU, among the selection's
+    weights and equal weights of the best N members by their own val mIoU (those within the latency
+    budget). With --per-class, the class-wise weights alone."""
+    if group.class_selection:
+        candidates = {"per-class selection": group.class_selection.weights}
+    else:
+        selection = group.selection
+        candidates = {"selection": selection.weights}
+        order = sorted(range(len(probs)), key=lambda m: -selection.member_miou[m])
+        for n in range(1, len(order) + 1):
+            best_n = [1.0 / n if m in order[:n] else 0.0 for m in range(len(probs))]
+            if (budget_ms is None or sum(ms[m] for m in order[:n]) <= budget_ms) and best_n not in candidates.values():
+                candidates[f"best {n}"] = best_n
+    choice = choose_with_scales(candidates, probs, truth, num_classes)
+    names = group.class_names
+    factors = ", ".join(f"{name} x{factor:g}" for name, factor in choice.fit.to_dict(names).items())
+    tried = ", ".join(f"{name} {miou:.4f}" for name, miou in choice.tried.items())
+    log(f"Class scales: {factors or 'none'}; kept the weights of {choice.name} (val mIoU with scales: {tried}); "
+        f"val mIoU {group.selection.val_miou:.4f} -> {choice.val_miou:.4f}")
+    return choice
+
+
 def _fit_class_filter(group: GroupEnsemble, probs: list[torch.Tensor], truth: torch.Tensor, num_classes: int,
                       log) -> FilterFit:
     """The per-class thresholds (models.class_filter) that raise the ensemble's val mIoU most, fitted on
     its val predictions (after any rejection)."""
-    chunks = list(combine_in_chunks(group.terms(probs), group.reject))
+    chunks = list(combine_in_chunks(group.terms(probs), group.reject, scales=group.scales))
     labels = torch.cat([labels.to(torch.uint8) for labels, _ in chunks])
     share = torch.cat([share.half() for _, share in chunks])
     fit = fit_class_filter(labels, share, truth, num_classes)
@@ -422,7 +470,7 @@ def _predict_test(group: GroupEnsemble, size: int, device, tta: str):
     index = 0
     for batches in zip(*loaders):
         terms = [(w, m.predict(b[0], size, device, tta)) for (m, w), b in zip(used, batches)]
-        labels, confidence = combine(terms, group.reject, group.class_filter)
+        labels, confidence = combine(terms, *group.decision)
         for label_map, confidence_map in zip(labels.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()):
             yield file_names[index], label_map, confidence_map
             index += 1
@@ -433,11 +481,15 @@ def member_weight(weight):
     return list(weight.values()) if isinstance(weight, dict) else weight
 
 
-def saved_decision(summary: dict) -> tuple[tuple[float, int] | None, ClassFilter | None]:
-    """(open-set rejection, class filter) of a saved ensemble (ensemble.json), for models.ensemble.combine."""
+def saved_decision(summary: dict) -> Decision:
+    """The open-set rejection, class filter and class scales of a saved ensemble (ensemble.json), for
+    models.ensemble.combine."""
+    class_names = list(summary["per_class_iou"])
     rejection, rules = summary.get("open_set"), (summary.get("class_filter") or {}).get("rules")
-    class_filter = ClassFilter.from_dict(rules, list(summary["per_class_iou"])) if rules else None
-    return ((rejection["threshold"], rejection["reject_label"]) if rejection else None), class_filter
+    factors = (summary.get("class_scales") or {}).get("rules")
+    return Decision((rejection["threshold"], rejection["reject_label"]) if rejection else None,
+                    ClassFilter.from_dict(rules, class_names) if rules else None,
+                    scales_from_dict(factors, class_names) if factors else None)
 
 
 def _nan_to_none(values: np.ndarray) -> list:

@@ -19,8 +19,7 @@ from atomic_file import write_atomically
 from data_pipeline.inspect import palette
 from errors import UserError
 from models.checkpoint import load_checkpoint
-from models.class_filter import ClassFilter
-from models.ensemble import combine, has_weight
+from models.ensemble import Decision, combine, has_weight
 from models.inference import predict_batch
 from models.optim import inference_amp
 
@@ -36,8 +35,7 @@ class Predictor:
     members: list[tuple[torch.nn.Module, dict, object]]  # (model, its model.json, weight)
     class_names: list[str]
     tta: str = "none"
-    reject: tuple[float, int] | None = None
-    class_filter: ClassFilter | None = None
+    decision: Decision = Decision()  # rejection, class filter, class scales (models.ensemble.combine)
 
     @classmethod
     def from_ensemble(cls, summary_path: Path, device, tta: str | None = None) -> "Predictor":
@@ -47,8 +45,7 @@ class Predictor:
         summary = json.loads(summary_path.read_text())
         members = [(*load_checkpoint(m["checkpoint"], device), member_weight(m["weight"]))
                    for m in summary["members"] if has_weight(member_weight(m["weight"]))]
-        reject, class_filter = saved_decision(summary)
-        return cls(members, members[0][1]["class_names"], tta or summary.get("tta", "none"), reject, class_filter)
+        return cls(members, members[0][1]["class_names"], tta or summary.get("tta", "none"), saved_decision(summary))
 
     @classmethod
     def from_trial(cls, experiment: Path, trial_id: str, device, tta: str | None = None) -> "Predictor":
@@ -61,7 +58,7 @@ class Predictor:
         model, meta = load_checkpoint(trials[trial_id].checkpoint, device)
         open_set = meta.get("open_set")
         reject = (open_set["threshold"], open_set["reject_label"]) if open_set and "threshold" in open_set else None
-        return cls([(model, meta, 1.0)], meta["class_names"], tta or "none", reject)
+        return cls([(model, meta, 1.0)], meta["class_names"], tta or "none", Decision(reject))
 
     def labels(self, image: np.ndarray, device) -> np.ndarray:
         """uint8 [H, W] labels of an RGB uint8 [H, W, 3] image, at its own size."""
@@ -72,7 +69,7 @@ class Predictor:
             probs = predict_batch(model, torch.from_numpy(resized)[None], image.shape[:2], device, self.tta,
                                   meta["normalization"], inference_amp(device))
             terms.append((weight, probs))
-        labels, _ = combine(terms, self.reject, self.class_filter)
+        labels, _ = combine(terms, *self.decision)
         return labels[0].to(torch.uint8).cpu().numpy()
 
 

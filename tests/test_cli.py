@@ -307,6 +307,33 @@ def test_the_class_filter_is_fitted_on_val_and_applied_to_the_test_predictions(e
         assert not np.isin(labels, never).any()
 
 
+def test_class_scales_are_chosen_on_val_with_the_weights_and_recorded(experiment):
+    path, _ = experiment
+    runs = {}
+    for name, flags in (("scaled", ()), ("unscaled", ("--no-class-scales",))):
+        out = path.parent / name / "submission.csv"
+        result = run_cli("ensemble_select.py", "--experiment", path, "--topk", "3", "--out", out, "--no-class-filter",
+                         *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = json.loads(out.with_name("ensemble.json").read_text()), result.stdout
+    (scaled, scaled_log), (unscaled, unscaled_log) = runs["scaled"], runs["unscaled"]
+    assert "Class scales:" in scaled_log and "Class scales:" not in unscaled_log
+    assert unscaled["class_scales"] is None and unscaled["val_miou"] == pytest.approx(unscaled["selection_val_miou"])
+    rule = scaled["class_scales"]
+    assert rule["val_miou_before"] == pytest.approx(unscaled["val_miou"])
+    assert scaled["val_miou"] == pytest.approx(rule["val_miou_before"] + rule["val_gain"])
+    assert "selection" in rule["tried"] and rule["weights_of"] in rule["tried"]
+    assert set(rule["rules"]) <= set(scaled["per_class_iou"]) - {"Background"}
+    assert all(factor != 1.0 for factor in rule["rules"].values())
+    weights = {m["trial_id"]: m["weight"] for m in scaled["members"]}
+    if rule["weights_of"] == "selection":
+        assert weights == {m["trial_id"]: m["weight"] for m in unscaled["members"]}
+    else:  # equal weights of the best N members by val mIoU
+        count = int(rule["weights_of"].split()[1])
+        by_val = sorted(scaled["members"], key=lambda m: -m["val_miou"])
+        assert [weights[m["trial_id"]] for m in by_val] == pytest.approx([1 / count] * count + [0] * (len(by_val) - count))
+
+
 def test_a_checkout_that_is_not_the_installed_one_is_refused(tmp_path):
     copy = tmp_path / "checkout"
     copy.mkdir()
