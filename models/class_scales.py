@@ -59,6 +59,20 @@ class ScaledChoice:
     val_miou: float  # its mean IoU
 
 
+def weight_candidates(selection_weights: list, member_miou: list[float], costs: list[float] | None = None,
+                      budget: float | None = None) -> dict[str, list]:
+    """{"selection": its weights, "best N": equal weights of the N best members by their own val mIoU}
+    for every N whose members fit the budget (of costs per member), leaving out repeats."""
+    order = sorted(range(len(member_miou)), key=lambda m: -member_miou[m])
+    candidates = {"selection": list(selection_weights)}
+    for n in range(1, len(order) + 1):
+        best_n = [1.0 / n if m in order[:n] else 0.0 for m in range(len(order))]
+        within = budget is None or sum(costs[m] for m in order[:n]) <= budget
+        if within and best_n not in candidates.values():
+            candidates[f"best {n}"] = best_n
+    return candidates
+
+
 def choose_with_scales(candidates: dict[str, list], member_probs: list[torch.Tensor], truth: torch.Tensor,
                        num_classes: int) -> ScaledChoice:
     """Of candidates ({name: weights per member}, first preferred on ties), the one with the best val

@@ -24,7 +24,7 @@ from data_pipeline.trial_data import DataSpec
 from errors import UserError
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint
 from models.class_filter import ClassFilter, FilterFit, fit_class_filter
-from models.class_scales import ScaledChoice, choose_with_scales, scales_from_dict
+from models.class_scales import ScaledChoice, choose_with_scales, scales_from_dict, weight_candidates
 from models.ensemble import (ClassSelection, Decision, OverBudget, Selection, combine, combine_in_chunks,
                              ensemble_selection, has_weight, per_class_selection, quantize)
 from models.inference import predict_batch
@@ -73,10 +73,15 @@ def _loader(split: Split):
     return make_loader(SegmentationDataset(split, "none", train=False), BATCH_SIZE)
 
 
+def split_probabilities(member: Member, split: Split, size: int, device, tta: str = "none") -> torch.Tensor:
+    """[N, C, size, size] uint8 probabilities (x 255, models.ensemble.quantize) of one member on a split
+    loaded at its input size, on the CPU."""
+    return torch.cat([quantize(member.predict(images, size, device, tta)).cpu() for images, _ in _loader(split)])
+
+
 def val_probabilities(member: Member, data: DataSpec, size: int, device, tta: str = "none"):
-    """[N, C, size, size] uint8 val probabilities (x 255, models.ensemble.quantize) of one member, on the CPU."""
-    loader = _loader(data.val_split(member.input_size, with_masks=False))
-    return torch.cat([quantize(member.predict(images, size, device, tta)).cpu() for images, _ in loader])
+    """split_probabilities of the val set."""
+    return split_probabilities(member, data.val_split(member.input_size, with_masks=False), size, device, tta)
 
 
 def inference_ms_per_image(member: Member, data: DataSpec, size: int, device, tta: str) -> float:
@@ -387,19 +392,13 @@ def _choose_with_scales(group: GroupEnsemble, probs: list[torch.Tensor], truth: 
     if group.class_selection:
         candidates = {"per-class selection": group.class_selection.weights}
     else:
-        selection = group.selection
-        candidates = {"selection": selection.weights}
-        order = sorted(range(len(probs)), key=lambda m: -selection.member_miou[m])
-        for n in range(1, len(order) + 1):
-            best_n = [1.0 / n if m in order[:n] else 0.0 for m in range(len(probs))]
-            if (budget_ms is None or sum(ms[m] for m in order[:n]) <= budget_ms) and best_n not in candidates.values():
-                candidates[f"best {n}"] = best_n
+        candidates = weight_candidates(group.selection.weights, group.selection.member_miou, ms, budget_ms)
     choice = choose_with_scales(candidates, probs, truth, num_classes)
     names = group.class_names
     factors = ", ".join(f"{name} x{factor:g}" for name, factor in choice.fit.to_dict(names).items())
     tried = ", ".join(f"{name} {miou:.4f}" for name, miou in choice.tried.items())
     log(f"Class scales: {factors or 'none'}; kept the weights of {choice.name} (val mIoU with scales: {tried}); "
-        f"val mIoU {group.selection.val_miou:.4f} -> {choice.val_miou:.4f}")
+        f"val mIoU {(group.class_selection or group.selection).val_miou:.4f} -> {choice.val_miou:.4f}")
     return choice
 
 

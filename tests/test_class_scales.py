@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.class_scales import (MIN_GAIN, SCALES, _scores, choose_with_scales, fit_class_scales, fit_pixels,
-                                 scales_from_dict)
+                                 scales_from_dict, weight_candidates)
 from models.ensemble import combine, ensemble_confusion, quantize
 from models.metrics import confusion_matrix, mean_iou
 
@@ -84,3 +84,11 @@ def test_the_choice_keeps_the_candidate_best_with_its_own_scales():
     for name, weights in candidates.items():  # each candidate was scored with its own fit
         own = fit_class_scales(*fit_pixels([(w, p) for w, p in zip(weights, members)], truth), classes)
         assert choice.tried[name] == pytest.approx(own.val_miou)
+
+
+def test_weight_candidates_are_the_selection_and_the_best_n_within_the_budget():
+    miou = [0.2, 0.4, 0.3]
+    assert weight_candidates([0.0, 1.0, 0.0], miou) == {  # best 1 is the selection: left out
+        "selection": [0.0, 1.0, 0.0], "best 2": [0.0, 0.5, 0.5], "best 3": [1 / 3] * 3}
+    within = weight_candidates([0.0, 0.6, 0.4], miou, costs=[30.0, 10.0, 15.0], budget=30.0)
+    assert within == {"selection": [0.0, 0.6, 0.4], "best 1": [0.0, 1.0, 0.0], "best 2": [0.0, 0.5, 0.5]}
