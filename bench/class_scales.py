@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from data_pipeline.trial_data import DataSpec
     from models.checkpoint import load_checkpoint
-    from models.class_scales import choose_with_scales, weight_candidates
+    from models.class_scales import choose_with_scales, fit_class_scales, fit_pixels, weight_candidates
     from models.ensemble import ensemble_confusion, ensemble_selection
     from models.metrics import iou_per_class, mean_iou
     from search.ensemble_job import (Member, cached_val_probabilities, choose_members, split_probabilities,
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     for count in range(1, len(members) + 1):
         for subset in itertools.combinations(range(len(members)), count):
             weights = [1.0 / count if m in subset else 0.0 for m in range(len(members))]
-            fit = choose_with_scales({"subset": weights}, val, val_truth, num_classes).fit
+            fit = fit_class_scales(*fit_pixels(list(zip(weights, val)), val_truth), num_classes)
             row = {"members": [ids[m] for m in subset], "plain": scored(weights),
                    "scaled": scored(weights, fit.scales), "scales": fit.to_dict(names)}
             rows.append(row)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from labels import BACKGROUND, IGNORE
+from labels import BACKGROUND, IGNORE, by_label, by_name
 
 from .metrics import confusion_matrix, mean_iou
 
@@ -40,14 +40,10 @@ class ClassFilter:
     @classmethod
     def from_dict(cls, rules: dict, class_names) -> "ClassFilter":
         """The filter of to_dict's {class name: threshold} (classes not named keep every pixel)."""
-        names = list(class_names)
-        result = cls.identity(len(names))
-        for name, threshold in rules.items():
-            result.thresholds[names.index(name)] = threshold
-        return result
+        return cls(by_label(rules, class_names, 0.0))
 
     def to_dict(self, class_names) -> dict:
-        return {name: t for name, t in zip(class_names, self.thresholds) if t}
+        return by_name(self.thresholds, class_names, 0.0)
 
     def apply(self, labels: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
         """labels [B, H, W] with the filtered pixels set to background; share [B, H, W] is each pixel's

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from labels import BACKGROUND, IGNORE
+from labels import BACKGROUND, IGNORE, by_name
 
 from .ensemble import Terms, ensemble_confusion, weighted_sum
 from .metrics import mean_iou
@@ -44,8 +44,8 @@ class ScalesFit:
     val_miou: float  # on the fitting pixels, with the scales
 
     def to_dict(self, class_names) -> dict:
-        """{class name: factor} of the classes whose factor is not 1."""
-        return {name: s for name, s in zip(class_names, self.scales) if s != 1.0}
+        """{class name: factor} of the classes whose factor is not 1 (labels.by_label reads it back)."""
+        return by_name(self.scales, class_names, 1.0)
 
 
 @dataclass
@@ -97,15 +97,6 @@ def fit_pixels(terms: Terms, truth: torch.Tensor, stride: int = FIT_STRIDE,
             for start in range(0, len(truth), chunk)]
     log_probs = torch.cat(sums).transpose(0, 1).reshape(len(sums[0][0]), -1)
     return log_probs, truth[:, ::stride, ::stride].reshape(-1)
-
-
-def scales_from_dict(rules: dict, class_names) -> list[float]:
-    """The per-label factors of ScalesFit.to_dict's {class name: factor} (others 1)."""
-    names = list(class_names)
-    scales = [1.0] * len(names)
-    for name, factor in rules.items():
-        scales[names.index(name)] = float(factor)
-    return scales
 
 
 def fit_class_scales(log_probs: torch.Tensor, truth: torch.Tensor, num_classes: int, passes: int = 2) -> ScalesFit:

@@ -22,9 +22,10 @@ from data_pipeline.pseudo_labels import write_pseudo_labels
 from data_pipeline.submission import write_submission
 from data_pipeline.trial_data import DataSpec
 from errors import UserError
+from labels import by_label
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint
 from models.class_filter import ClassFilter, FilterFit, fit_class_filter
-from models.class_scales import ScaledChoice, choose_with_scales, scales_from_dict, weight_candidates
+from models.class_scales import ScaledChoice, choose_with_scales, weight_candidates
 from models.ensemble import (ClassSelection, Decision, OverBudget, Selection, combine, combine_in_chunks,
                              ensemble_selection, has_weight, per_class_selection, quantize)
 from models.inference import predict_batch
@@ -157,7 +158,7 @@ class GroupEnsemble:
             return self.rejection["confusion"]
         if self.scaled:
             return self.scaled.confusion
-        return (self.class_selection or self.selection).confusion
+        return self.selected.confusion
 
     @property
     def per_class_iou(self) -> np.ndarray:
@@ -171,7 +172,7 @@ class GroupEnsemble:
             return self.rejection["curve"][self.rejection["index"]]["miou"]
         if self.scaled:
             return self.scaled.val_miou
-        return (self.class_selection or self.selection).val_miou
+        return self.selected.val_miou
 
     @property
     def reject(self) -> tuple[float, int] | None:
@@ -204,7 +205,12 @@ class GroupEnsemble:
         """Per member: one weight, or one per class with --per-class."""
         if self.scaled:
             return self.scaled.weights
-        return (self.class_selection or self.selection).weights
+        return self.selected.weights
+
+    @property
+    def selected(self) -> Selection | ClassSelection:
+        """The weights as selection made them: the class-wise refinement with --per-class."""
+        return self.class_selection or self.selection
 
 
 @dataclass(frozen=True)
@@ -342,8 +348,8 @@ def _summary(experiment: Path, group: GroupEnsemble, groups: list[GroupEnsemble]
         "open_set": group.rejection and {k: v for k, v in group.rejection.items() if k not in ("confusion", "index")},
         "class_scales": group.scaled and {
             "rules": group.scaled.fit.to_dict(class_names), "weights_of": group.scaled.name,
-            "tried": group.scaled.tried, "val_miou_before": (refined or selection).val_miou,
-            "val_gain": group.scaled.val_miou - (refined or selection).val_miou},
+            "tried": group.scaled.tried, "val_miou_before": group.selected.val_miou,
+            "val_gain": group.scaled.val_miou - group.selected.val_miou},
         "class_filter": fit and {"rules": fit.filter.to_dict(class_names), "val_miou_before": fit.val_miou_before,
                                  "val_gain": fit.val_miou - fit.val_miou_before,
                                  "unseen": [class_names[c] for c in fit.unseen]},
@@ -398,7 +404,7 @@ def _choose_with_scales(group: GroupEnsemble, probs: list[torch.Tensor], truth: 
     factors = ", ".join(f"{name} x{factor:g}" for name, factor in choice.fit.to_dict(names).items())
     tried = ", ".join(f"{name} {miou:.4f}" for name, miou in choice.tried.items())
     log(f"Class scales: {factors or 'none'}; kept the weights of {choice.name} (val mIoU with scales: {tried}); "
-        f"val mIoU {(group.class_selection or group.selection).val_miou:.4f} -> {choice.val_miou:.4f}")
+        f"val mIoU {group.selected.val_miou:.4f} -> {choice.val_miou:.4f}")
     return choice
 
 
@@ -488,7 +494,7 @@ def saved_decision(summary: dict) -> Decision:
     factors = (summary.get("class_scales") or {}).get("rules")
     return Decision((rejection["threshold"], rejection["reject_label"]) if rejection else None,
                     ClassFilter.from_dict(rules, class_names) if rules else None,
-                    scales_from_dict(factors, class_names) if factors else None)
+                    by_label(factors, class_names, 1.0) if factors else None)
 
 
 def _nan_to_none(values: np.ndarray) -> list:

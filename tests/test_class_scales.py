@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from labels import by_label
 from models.class_scales import (MIN_GAIN, SCALES, _scores, choose_with_scales, fit_class_scales, fit_pixels,
-                                 scales_from_dict, weight_candidates)
+                                 weight_candidates)
 from models.ensemble import combine, ensemble_confusion, quantize
 from models.metrics import confusion_matrix, mean_iou
 
@@ -60,7 +61,7 @@ def test_the_fit_raises_an_under_predicted_rare_class_and_combine_applies_it():
     assert (labels == 2).sum() > combine([(1.0, probs)])[0].eq(2).sum()
     assert mean_iou(after) > mean_iou(before)
     assert share.max() <= 1.0 + 1e-6  # the share is of the scaled sum
-    assert scales_from_dict(fit.to_dict(["bg", "a", "b"]), ["bg", "a", "b"]) == fit.scales
+    assert by_label(fit.to_dict(["bg", "a", "b"]), ["bg", "a", "b"], 1.0) == fit.scales
 
 
 def test_a_model_that_needs_no_correction_keeps_factor_one():
