@@ -106,6 +106,7 @@ def score_on_test(trial, data: Path, gt: str, size: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from labels import by_name
     from search.trainable import build_trial, run_epochs
 
     args = parse_args(argv)
@@ -114,10 +115,14 @@ def main(argv=None) -> int:
     trial = build_trial(config)
     epochs = []
 
+    names = trial.meta["class_names"]
+
     def report(metrics: dict, _checkpoint) -> None:
         epochs.append(metrics)
+        per_class = ", ".join(f"{names[label]} {iou:.2f}" for label, iou in enumerate(metrics["val_class_iou"])
+                              if iou is not None)
         print(f"epoch {metrics['epoch']:2d}  val mIoU {metrics['val_miou']:.4f}  loss {metrics['train_loss']:.3f}  "
-              f"train {metrics['train_time_s']:.0f} s  eval {metrics['eval_time_s']:.0f} s", flush=True)
+              f"train {metrics['train_time_s']:.0f} s  eval {metrics['eval_time_s']:.0f} s  ({per_class})", flush=True)
 
     run_epochs(trial, report)
     if args.save:
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
         print(f"test IoU per class ({kind}): " + ", ".join(f"{n} {iou:.2f}" for n, iou in per_class[kind].items()))
     result = {"set": args.set, "epochs": len(epochs), "val_miou": round(epochs[-1]["val_miou"], 4),
               "best_val_miou": round(max(m["val_miou"] for m in epochs), 4),
+              "val_miou_by_epoch": [round(m["val_miou"], 4) for m in epochs],
+              "val_per_class_iou": by_name(epochs[-1]["val_class_iou"], names, None),
               "test_miou": round(scores["plain"]["miou"], 4), "test_per_class_iou": per_class["plain"],
               "filtered_test_miou": round(scores["filtered"]["miou"], 4),
               "filtered_test_per_class_iou": per_class["filtered"], "class_filter": scores["filter"],

@@ -32,6 +32,7 @@ from errors import UserError
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "poly", "constant")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+ENCODER_NORMS = ("train", "frozen")
 POLY_POWER = 0.9
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,6 +53,8 @@ TRAINING_PARAMS: dict = {
     "encoder_lr_scale": (number(0, 1, low_open=True, name="encoder_lr_scale", note=" (the encoder's lr = lr x scale)"),
                          1.0),
     "freeze_encoder_epochs": (number(low=0, name="freeze_encoder_epochs", note=" (its lr is 0 until then)"), 0),
+    # frozen: the encoder's BatchNorm layers keep the running statistics they came with (pretrained ones)
+    "encoder_norm": (one_of(ENCODER_NORMS), "train"),
     "grad_clip": (number(low=0, low_open=True, optional=True, name="grad_clip",
                          expected="null (no clipping) or a max gradient norm > 0"), None),
     "amp": (one_of(AMP_MODES), "auto"),

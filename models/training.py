@@ -31,17 +31,22 @@ def model_input(images: torch.Tensor, device, normalization: dict, channels_last
 
 def train_epoch(model, loader, loss_fn, optimizer, device, normalization: dict, *, scheduler=None,
                 amp: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-                grad_clip: float | None = None, channels_last: bool = False) -> float:
+                grad_clip: float | None = None, channels_last: bool = False,
+                frozen_norm: nn.Module | None = None) -> float:
     """Trains over loader's uint8 batches once; returns the mean training loss per image.
 
     scheduler: stepped after every optimiser step (models.optim.build_scheduler is per iteration).
     amp: autocast dtype of the forward pass (None: full precision); the loss is taken in float32.
     scaler: a GradScaler (fp16); grad_clip: max total gradient norm (None: no clipping), taken on
     unscaled gradients. channels_last: the input's memory format (place_model puts the model's).
+    frozen_norm: a part of model (a pretrained encoder) whose BatchNorm layers normalise with the
+    running statistics they have and do not update them; their scale and shift still train.
     """
     device = torch.device(device)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
+    if frozen_norm is not None:
+        freeze_norm_statistics(frozen_norm)
     total, count = torch.zeros((), device=device), 0
     for images, masks in loader:
         images = model_input(images, device, normalization, channels_last)
@@ -60,6 +65,16 @@ def train_epoch(model, loader, loss_fn, optimizer, device, normalization: dict, 
     return total.item() / max(count, 1)
 
 
+def freeze_norm_statistics(module: nn.Module) -> None:
+    """Puts module's BatchNorm layers in eval mode: batches are normalised with the running statistics,
+    which stay as they are (MMSegmentation's norm_eval). A pretrained encoder then keeps the statistics
+    of the data it was trained on instead of estimates from batches of a few images, which move with
+    every batch's content."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
 def _clip_gradients(model, optimizer, scaler, max_norm: float | None) -> None:
     if max_norm is None:
         return
@@ -68,13 +83,18 @@ def _clip_gradients(model, optimizer, scaler, max_norm: float | None) -> None:
 
 
 def update_bn_statistics(model: nn.Module, loader, device, normalization: dict, *,
-                         amp: torch.dtype | None = None, channels_last: bool = False) -> None:
+                         amp: torch.dtype | None = None, channels_last: bool = False,
+                         frozen_norm: nn.Module | None = None) -> None:
     """Recomputes model's BatchNorm running statistics (a plain average over one pass) from loader's
-    uint8 batches: torch's swa_utils.update_bn, fed normalised model input."""
+    uint8 batches: torch's swa_utils.update_bn, fed normalised model input. frozen_norm: a part of
+    model whose statistics stay as they are (train_epoch's frozen_norm)."""
     device = torch.device(device)
+    kept = {name: buffer.clone() for name, buffer in frozen_norm.named_buffers()} if frozen_norm is not None else {}
     inputs = (model_input(images, device, normalization, channels_last) for images, _ in loader)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         torch.optim.swa_utils.update_bn(inputs, model)
+    for name, buffer in frozen_norm.named_buffers() if frozen_norm is not None else ():
+        buffer.copy_(kept[name])
 
 
 def evaluate(model, loader, num_classes: int, device, normalization: dict,

@@ -249,7 +249,8 @@ def run_epochs(trial: Trial, report: Report) -> None:
         started = time.perf_counter()
         train_loss = train_epoch(trial.model, trial.train_loader, trial.loss_fn, trial.optimizer, trial.device,
                                  trial.normalization, scheduler=trial.scheduler, amp=trial.amp, scaler=trial.scaler,
-                                 grad_clip=setting(trial.cfg, "grad_clip"), channels_last=trial.channels_last)
+                                 grad_clip=setting(trial.cfg, "grad_clip"), channels_last=trial.channels_last,
+                                 frozen_norm=_frozen_norm(trial, trial.model))
         trained = time.perf_counter()
         scored = _average_weights(trial) if trial.swa_active(epoch) else trial.model
         val, curve = _evaluate(trial, scored)
@@ -275,6 +276,11 @@ def run_epochs(trial: Trial, report: Report) -> None:
             trial.held.written, trial.written_at = True, time.monotonic()
         else:
             report(metrics, None)
+
+
+def _frozen_norm(trial: Trial, model: nn.Module) -> nn.Module | None:
+    """model's encoder, when the trial keeps the encoder's BatchNorm statistics (encoder_norm: frozen)."""
+    return model.encoder if setting(trial.cfg, "encoder_norm") == "frozen" else None
 
 
 def _write_now(trial: Trial) -> bool:
@@ -323,7 +329,7 @@ def _average_weights(trial: Trial) -> nn.Module:
     """Adds this epoch's weights to the average, recomputes its BatchNorm statistics; the averaged model."""
     trial.swa.update_parameters(trial.model)
     update_bn_statistics(trial.swa, trial.train_loader, trial.device, trial.normalization, amp=trial.amp,
-                         channels_last=trial.channels_last)
+                         channels_last=trial.channels_last, frozen_norm=_frozen_norm(trial, trial.swa.module))
     return trial.swa.module
 
 

@@ -153,6 +153,7 @@ def test_channels_last_is_on_unless_switched_off_and_place_model_converts_the_we
     ("grad_clip", "big", "got 'big'"),
     ("channels_last", 1, "channels_last must be auto, true or false, got 1"),
     ("swa_epochs", 1.5, "swa_epochs must be an integer >= 0"),
+    ("encoder_norm", "fixed", "unknown value 'fixed'; choose one of train, frozen"),
 ])
 def test_bad_values_are_one_line_user_errors_naming_the_value(name, value, words):
     with pytest.raises(UserError) as error:
@@ -165,7 +166,7 @@ def test_defaults_pass_their_own_checks_and_good_values_pass():
         check(default)
     for name, value in [("optimizer", "sgd"), ("momentum", 0.0), ("warmup_epochs", 2), ("warmup_epochs", 0.5),
                         ("grad_clip", 1.0), ("grad_clip", 5), ("amp", "fp16"), ("channels_last", True),
-                        ("swa_epochs", 3)]:
+                        ("swa_epochs", 3), ("encoder_norm", "frozen")]:
         assert setting({name: value}, name) == value
 
 

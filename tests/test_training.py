@@ -89,6 +89,35 @@ def test_channels_last_training_keeps_the_format_and_matches_contiguous_training
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
+def _norm_buffers(module: nn.Module) -> dict:
+    return {name: b.clone() for name, b in module.named_buffers() if "running" in name}
+
+
+def test_a_frozen_encoder_norm_keeps_its_statistics_while_its_scale_and_the_decoder_train(sample_root):
+    loader, num_classes = _val_loader(sample_root)
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18", num_classes)
+    encoder_stats, decoder_stats = _norm_buffers(model.encoder), _norm_buffers(model.decoder)
+    encoder_scale = model.encoder.bn1.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_epoch(model, itertools.islice(loader, 2), build_loss({"loss": "ce"}), optimizer, "cpu",
+                DEFAULT_NORMALIZATION, frozen_norm=model.encoder)
+    assert all(torch.equal(b, encoder_stats[n]) for n, b in _norm_buffers(model.encoder).items())
+    assert any(not torch.equal(b, decoder_stats[n]) for n, b in _norm_buffers(model.decoder).items())
+    assert not torch.equal(model.encoder.bn1.weight, encoder_scale)  # the affine part is not frozen
+    assert model.decoder.training  # the rest of the model trains as usual
+
+
+def test_a_trial_with_a_frozen_encoder_norm_keeps_it_through_swa(sample_root):
+    config = {**DataSpec(root=str(sample_root)).to_config(), **SWA_CONFIG, "decoder": "Unet", "encoder_norm": "frozen"}
+    trial = build_trial(config)
+    encoder_stats, decoder_stats = _norm_buffers(trial.model.encoder), _norm_buffers(trial.model.decoder)
+    run_epochs(trial, lambda metrics, directory: None)
+    for model in (trial.model, trial.swa.module):  # SWA recomputes the average's statistics: not the encoder's
+        assert all(torch.equal(b, encoder_stats[n]) for n, b in _norm_buffers(model.encoder).items())
+        assert any(not torch.equal(b, decoder_stats[n]) for n, b in _norm_buffers(model.decoder).items())
+
+
 SWA_CONFIG = {"max_epochs": 3, "seed": 0, "resize": 64, "decoder": "FPN", "backbone": "resnet18",
               "augmentation": "none", "batch_size": 8, "schedule": "poly", "warmup_epochs": 1, "swa_epochs": 2}
 
