@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from labels import IGNORE
 
+from .depthwise import float32_depthwise_backward
 from .inference import normalize, predict_batch, to_labels
 from .metrics import confusion_matrix, image_mious, iou_per_class, mean_iou, pixel_accuracy
 from .open_set import UnknownScoring, flagged_as_unknown, known_class_head
@@ -17,9 +18,10 @@ from .open_set import UnknownScoring, flagged_as_unknown, known_class_head
 
 def place_model(model: nn.Module, device, channels_last: bool = False) -> nn.Module:
     """Moves model to device, its 4-D weights channels-last in memory when asked (faster convolutions
-    with cuDNN and oneDNN; train_epoch then hands the model channels-last input too)."""
+    with cuDNN and oneDNN; train_epoch then hands the model channels-last input too). Its depthwise
+    convolutions compute their gradients in float32 under CPU autocast (models.depthwise)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return model.to(device=device, memory_format=memory_format)
+    return float32_depthwise_backward(model.to(device=device, memory_format=memory_format))
 
 
 def model_input(images: torch.Tensor, device, normalization: dict, channels_last: bool = False) -> torch.Tensor:
