@@ -323,9 +323,11 @@ def test_an_open_set_ensemble_rejects_in_the_submission(policy_search, sample_ro
     report = json.loads((work / "runs" / "open" / "report" / "report.json").read_text())
     assert report["unknown"]["curves"]["ensemble"]["threshold"] == rejection["threshold"]
     labels = np.concatenate([row for _, row in read_submission(out)])
-    # the model itself never predicts UNKNOWN (its probability is 0): only rejection writes label 10
+    # the model itself never predicts UNKNOWN (its probability is 0): only rejection writes label 10, where a
+    # test pixel's top-class share falls below the threshold chosen on val (on a test set there may be none)
     [trial] = read_trials(work / "runs" / "open")
-    assert ((labels == 10).any()) == (rejection["threshold"] > 0) and trial.config["unknown"] == "open_set"
+    assert trial.config["unknown"] == "open_set" and labels.max() <= 10
+    assert rejection["threshold"] > 0 or not (labels == 10).any()
 
 
 def test_the_space_refuses_treatments_where_the_masks_lose_unknown(tmp_path):
