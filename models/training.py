@@ -91,12 +91,13 @@ def update_bn_statistics(model: nn.Module, loader, device, normalization: dict, 
     uint8 batches: torch's swa_utils.update_bn, fed normalised model input. frozen_norm: a part of
     model whose statistics stay as they are (train_epoch's frozen_norm)."""
     device = torch.device(device)
-    kept = {name: buffer.clone() for name, buffer in frozen_norm.named_buffers()} if frozen_norm is not None else {}
+    frozen = list(frozen_norm.buffers()) if frozen_norm is not None else []
+    kept = [buffer.clone() for buffer in frozen]
     inputs = (model_input(images, device, normalization, channels_last) for images, _ in loader)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         torch.optim.swa_utils.update_bn(inputs, model)
-    for name, buffer in frozen_norm.named_buffers() if frozen_norm is not None else ():
-        buffer.copy_(kept[name])
+    for buffer, value in zip(frozen, kept):
+        buffer.copy_(value)
 
 
 def evaluate(model, loader, num_classes: int, device, normalization: dict,
