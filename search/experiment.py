@@ -132,8 +132,8 @@ def warm_start_points(spec, trials: list[TrialRecord], count: int = WARM_START_T
 
 def leaderboard_rows(trials: list[TrialRecord], experiment: str | Path | None = None) -> list[dict]:
     """One row per trial, best first by the experiment's metric (trials that never reported last):
-    experiment, trial_id, every trial parameter the space set (searched or fixed, exact values),
-    best_val_miou (and best_<metric> for another ranking metric), best_epoch, epochs, status, time_s,
+    experiment, trial_id, every trial parameter the space set (searched or fixed, exact values), the
+    seed it trained from, best_val_miou (and best_<metric> for another ranking metric), best_epoch, epochs, status, time_s,
     the val metrics of its best checkpoint and its per-class val IoU (iou_<class>), the checkpoint,
     and the search's space file, dataset, external training data and start time (launch.json)."""
     launch = _launch_settings(experiment)
@@ -143,7 +143,7 @@ def leaderboard_rows(trials: list[TrialRecord], experiment: str | Path | None = 
         meta = read_meta(t.checkpoint) if t.checkpoint and (t.checkpoint / META_FILE).is_file() else {}
         rows.append({
             "experiment": Path(experiment).name if experiment else "", "trial_id": t.trial_id,
-            **{name: _exact(t.config.get(name)) for name in params},
+            **{name: _exact(t.config.get(name)) for name in params}, "seed": t.config.get("seed", ""),
             "best_val_miou": _score(t.best_val_miou),
             **({f"best_{t.metric}": _score(t.best)} if t.metric != "val_miou" else {}),
             "best_epoch": meta.get("epoch", ""), "epochs": t.epochs, "status": t.status, "time_s": f"{t.time_s:.1f}",

@@ -3,7 +3,8 @@
 A space file has three sections:
 
     experiment: {num_samples, max_epochs, scheduler (asha | fifo), grace_period, reduction_factor, seed,
-                 cpus_per_trial, gpus_per_trial, max_failures, metric, mode, checkpoint, min_epochs}
+                 trial_seeds (per_trial | shared), cpus_per_trial, gpus_per_trial, max_failures, metric, mode,
+                 checkpoint, min_epochs}
     data:       train, val, test: annotation files relative to the data root
                 split: given (train/val files) | kfold (fold `fold` of `folds` over train_all, split_seed)
                 class_map: a class-map YAML (relative to this file), unknown: keep | background | ignore
@@ -87,6 +88,10 @@ class ExperimentSettings:
     grace_period: int = 1
     reduction_factor: int = 2
     seed: int = 0
+    # per_trial: the study's trial n trains from seed + n (its initialisation, data order), so trials of
+    # near-equal parameters are independent draws, not copies, and can be ensembled; shared: every
+    # trial trains from seed (common random numbers: differences between trials are the parameters').
+    trial_seeds: str = "per_trial"
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 1.0  # used only when GPUs are given to the search
     max_failures: int = 1  # retries of a trial that raises before it is recorded as errored
@@ -113,6 +118,7 @@ class ExperimentSettings:
 
 SCHEDULERS = ("asha", "fifo")
 CHECKPOINTS = ("best", "last")
+TRIAL_SEEDS = ("per_trial", "shared")
 
 
 @dataclass(frozen=True)
@@ -160,10 +166,12 @@ class SearchSpec:
 
 class SpaceSampler:
     """Define-by-run space for Ray Tune's OptunaSearch: suggests the searched parameters and returns
-    the fixed ones (plus run settings) as constants. A module-level class so Tune can pickle it."""
+    the fixed ones (plus run settings) as constants. A module-level class so Tune can pickle it.
+    With seed_per_trial, the constant `seed` is offset by the Optuna trial's number (first trials
+    included), which the study's storage keeps across a resume."""
 
-    def __init__(self, params: tuple[Param, ...], constants: dict):
-        self.params, self.constants = params, dict(constants)
+    def __init__(self, params: tuple[Param, ...], constants: dict, seed_per_trial: bool = False):
+        self.params, self.constants, self.seed_per_trial = params, dict(constants), seed_per_trial
 
     def __call__(self, trial) -> dict:
         chosen: dict[str, Any] = {}
@@ -181,6 +189,8 @@ class SpaceSampler:
                 chosen[p.name] = trial.suggest_float(p.name, *p.values, log=True)
             else:
                 chosen[p.name] = trial.suggest_int(p.name, *p.values)
+        if self.seed_per_trial:
+            fixed["seed"] = fixed.get("seed", 0) + trial.number
         return fixed
 
 
@@ -222,6 +232,8 @@ def _check_experiment(e: ExperimentSettings) -> None:
         raise UserError(f"experiment.grace_period ({e.grace_period}) exceeds max_epochs ({e.max_epochs})")
     if e.checkpoint not in CHECKPOINTS:
         raise UserError(f"experiment.checkpoint must be one of {', '.join(CHECKPOINTS)}, got {e.checkpoint!r}")
+    if e.trial_seeds not in TRIAL_SEEDS:
+        raise UserError(f"experiment.trial_seeds must be one of {', '.join(TRIAL_SEEDS)}, got {e.trial_seeds!r}")
     if e.scheduler not in SCHEDULERS:
         raise UserError(f"experiment.scheduler must be one of {', '.join(SCHEDULERS)}, got {e.scheduler!r}")
     if e.reduction_factor < 2:

@@ -286,6 +286,8 @@ def test_resume_continues_a_search_whose_driver_was_killed(sample_root, tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = _leaderboard(experiment)
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    # trial n of the study trains from seed + n; a resumed study numbers on, so no two trials share a seed
+    assert len({int(r["seed"]) for r in rows}) == 4 and min(int(r["seed"]) for r in rows) == 0
     assert all(r["status"] == "finished" and r["best_val_miou"] for r in rows)
     assert finished <= {r["trial_id"] for r in rows}
     # the resumed search shows its progress too: a row for each trial that ended in it, under a header

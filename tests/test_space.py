@@ -200,6 +200,22 @@ def test_decoder_backbone_pairs_and_weight_names_are_checked_before_any_trial(tm
         load_space(_write(tmp_path, "space:\n  backbone: resnet18\n  encoder_weights: imagenet21k\n"))
 
 
+@pytest.mark.parametrize("mode, seeds", [("per_trial", [7, 8, 9]), ("shared", [7, 7, 7])])
+def test_each_trial_trains_from_its_own_seed_unless_the_space_shares_one(tmp_path, mode, seeds):
+    spec = load_space(_write(tmp_path, f"experiment:\n  seed: 7\n  trial_seeds: {mode}\n"
+                                       "space:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\nfirst_trials:\n  - {lr: 0.001}\n"))
+    sampler = SpaceSampler(spec.params, {"seed": spec.experiment.seed}, spec.experiment.trial_seeds == "per_trial")
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(spec.first_trials[0])  # a first trial is trial 0 of the study, with its seed
+    trials = [study.ask() for _ in range(3)]
+    assert [sampler(t)["seed"] for t in trials] == seeds
+
+
+def test_an_unknown_trial_seeds_mode_names_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"experiment.trial_seeds must be one of per_trial, shared, got 'each'"):
+        load_space(_write(tmp_path, "experiment:\n  trial_seeds: each\nspace:\n  lr: 0.001\n"))
+
+
 def test_first_trials_are_what_optuna_evaluates_before_it_proposes(tmp_path):
     import optuna
 
