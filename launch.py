@@ -220,7 +220,7 @@ def _print_plan(launch: Launch, checked, args) -> None:
           f"Epochs: up to {e.max_epochs}; {stopping}\n"
           f"Time budget: {_format_duration(args.time_budget) if args.time_budget else 'none'}\n"
           f"Ranking: {e.metric} ({e.mode}); seed {e.seed}"
-          f"{' + the trial number' if e.trial_seeds == 'per_trial' else ', shared by every trial'}; "
+          f"{' + the trial number' if e.seed_per_trial else ', shared by every trial'}; "
           f"max_failures {e.max_failures}\n"
           f"wandb: {launch.wandb_mode or 'off'}\nSearch space:")
     for line in describe(spec):

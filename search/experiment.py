@@ -133,9 +133,10 @@ def warm_start_points(spec, trials: list[TrialRecord], count: int = WARM_START_T
 def leaderboard_rows(trials: list[TrialRecord], experiment: str | Path | None = None) -> list[dict]:
     """One row per trial, best first by the experiment's metric (trials that never reported last):
     experiment, trial_id, every trial parameter the space set (searched or fixed, exact values), the
-    seed it trained from, best_val_miou (and best_<metric> for another ranking metric), best_epoch, epochs, status, time_s,
-    the val metrics of its best checkpoint and its per-class val IoU (iou_<class>), the checkpoint,
-    and the search's space file, dataset, external training data and start time (launch.json)."""
+    seed it trained from, best_val_miou (and best_<metric> for another ranking metric), best_epoch,
+    epochs, status, time_s, the val metrics of its best checkpoint and its per-class val IoU
+    (iou_<class>), the checkpoint, and the search's space file, dataset, external training data and
+    start time (launch.json)."""
     launch = _launch_settings(experiment)
     params = [name for name in TRIAL_PARAMS if any(name in t.config for t in trials)]
     rows = []

@@ -104,6 +104,10 @@ class ExperimentSettings:
     min_epochs: int = 0
 
     @property
+    def seed_per_trial(self) -> bool:
+        return self.trial_seeds == "per_trial"
+
+    @property
     def useful_epochs(self) -> int:
         return self.min_epochs or max(self.grace_period, math.ceil(self.max_epochs / 4))
 

@@ -166,7 +166,7 @@ def run_search(spec: SearchSpec, data_root: Path, *, storage: Path, name: str, g
     e = spec.experiment
     resources = ray.cluster_resources()
     max_concurrent = concurrency(e, resources.get("CPU", 1), resources.get("GPU", 0) if gpus > 0 else 0)
-    sampler = SpaceSampler(spec.params, trial_constants(spec, data_root, skip), e.trial_seeds == "per_trial")
+    sampler = SpaceSampler(spec.params, trial_constants(spec, data_root, skip), e.seed_per_trial)
     searcher = OptunaSearch(space=sampler, metric=e.metric, mode=e.mode, seed=e.seed,
                             points_to_evaluate=list(spec.first_trials) or None,
                             study_name=name, storage=optuna_storage(storage / name))

@@ -204,7 +204,7 @@ def test_decoder_backbone_pairs_and_weight_names_are_checked_before_any_trial(tm
 def test_each_trial_trains_from_its_own_seed_unless_the_space_shares_one(tmp_path, mode, seeds):
     spec = load_space(_write(tmp_path, f"experiment:\n  seed: 7\n  trial_seeds: {mode}\n"
                                        "space:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\nfirst_trials:\n  - {lr: 0.001}\n"))
-    sampler = SpaceSampler(spec.params, {"seed": spec.experiment.seed}, spec.experiment.trial_seeds == "per_trial")
+    sampler = SpaceSampler(spec.params, {"seed": spec.experiment.seed}, spec.experiment.seed_per_trial)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     study.enqueue_trial(spec.first_trials[0])  # a first trial is trial 0 of the study, with its seed
     trials = [study.ask() for _ in range(3)]
