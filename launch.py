@@ -203,7 +203,7 @@ def _read_launch_file(experiment: Path) -> dict:
 
 def _print_plan(launch: Launch, checked, args) -> None:
     from search.preflight import training_sources, weights_report
-    from search.space import describe
+    from search.space import describe, eval_size
     from search.tune_runner import concurrency, trial_resources
 
     e, spec = launch.settings, launch.spec
@@ -219,7 +219,7 @@ def _print_plan(launch: Launch, checked, args) -> None:
           f"Trials: {args.num_samples or e.num_samples}, {at_once}; each {res['cpu']:g} CPUs, {res['gpu']:g} GPUs\n"
           f"Epochs: up to {e.max_epochs}; {stopping}\n"
           f"Time budget: {_format_duration(args.time_budget) if args.time_budget else 'none'}\n"
-          f"Ranking: {e.metric} ({e.mode}); seed {e.seed}"
+          f"Ranking: {e.metric} ({e.mode}) on {eval_size(spec)} px val label maps; seed {e.seed}"
           f"{' + the trial number' if e.seed_per_trial else ', shared by every trial'}; "
           f"max_failures {e.max_failures}\n"
           f"wandb: {launch.wandb_mode or 'off'}\nSearch space:")

@@ -121,6 +121,13 @@ def evaluate_open_set(model, loader, num_classes: int, device, normalization: di
     return _evaluate(model, loader, num_classes, device, normalization, unknown, amp)
 
 
+def _resized(plane: torch.Tensor, size) -> torch.Tensor:
+    """[B, H, W] scores at size, bilinearly."""
+    if plane.shape[-2:] == size:
+        return plane
+    return F.interpolate(plane[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
 def _evaluate(model, loader, num_classes: int, device, normalization: dict, unknown: UnknownScoring | None,
               amp: torch.dtype | None):
     sweep = unknown.sweep(num_classes) if unknown and unknown.open_set else None
@@ -132,13 +139,16 @@ def _evaluate(model, loader, num_classes: int, device, normalization: dict, unkn
     image_miou_sum, images_scored = torch.zeros((), dtype=torch.float64, device=device), 0
     kept = []  # open set: (labels, score bins) per batch, to take image mIoU at the chosen threshold
     for images, masks in loader:
-        probs = predict_batch(model, images, device=device, normalization=normalization, amp=amp)
+        # At the size of the val label maps, which may be larger than the model's input.
+        probs = predict_batch(model, images, tuple(masks.shape[-2:]), device=device, normalization=normalization,
+                              amp=amp)
         masks, labels = masks.to(device).long(), to_labels(probs)
         scored = masks if sweep is None else torch.where(masks == unknown.unknown_label, IGNORE, masks)
         nll += F.nll_loss(probs.clamp_min(1e-8).log(), scored, ignore_index=IGNORE, reduction="sum")
         count += int((scored != IGNORE).sum())
         if sweep is not None:
-            scores = probs.max(dim=1).values if unknown.rule == "softmax" else head.magnitude
+            scores = (probs.max(dim=1).values if unknown.rule == "softmax"
+                      else _resized(head.magnitude, masks.shape[-2:]))
             kept.append((labels.to(torch.uint8), sweep.add(masks, labels, scores).to(torch.uint8)))
             continue
         conf += confusion_matrix(masks, labels, num_classes)

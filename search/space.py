@@ -102,6 +102,11 @@ class ExperimentSettings:
     # Under a time budget no trial starts unless this many epochs fit before the deadline; 0: the larger
     # of ASHA's grace_period and a quarter of max_epochs (a shorter trial is no useful candidate).
     min_epochs: int = 0
+    # The side of the val label maps every trial is scored on, its probabilities resized to them; 0: the
+    # largest input size the space proposes. One truth for all trials: scored at its own input size, a
+    # trial of small inputs is judged on coarser labels, where small objects shrink or vanish, and ranks
+    # wrongly against trials of large inputs (for TPE, ASHA, the leaderboard and the ensemble's top-k).
+    eval_size: int = 0
 
     @property
     def seed_per_trial(self) -> bool:
@@ -251,6 +256,8 @@ def _check_experiment(e: ExperimentSettings) -> None:
         raise UserError(f"experiment.gpus_per_trial must be >= 0, got {e.gpus_per_trial}")
     if e.max_failures < 0:
         raise UserError(f"experiment.max_failures must be >= 0, got {e.max_failures}")
+    if e.eval_size < 0:
+        raise UserError(f"experiment.eval_size must be a size in pixels, or 0 for the largest resize, got {e.eval_size}")
     if not e.checkpoint_interval_s >= 0:
         raise UserError(f"experiment.checkpoint_interval_s must be >= 0 seconds, got {e.checkpoint_interval_s!r}")
 
@@ -288,6 +295,11 @@ def possible_values(params: list[Param], name: str) -> list:
     their bounds."""
     param = next((p for p in params if p.name == name), None)
     return list(param.values) if param else [TRIAL_PARAMS[name][1]]
+
+
+def eval_size(spec: SearchSpec) -> int:
+    """The side of the val label maps trials are scored on (experiment.eval_size, 0: the largest resize)."""
+    return spec.experiment.eval_size or max(possible_values(spec.params, "resize"))
 
 
 def never_active(spec: SearchSpec) -> list[str]:

@@ -162,7 +162,9 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
 
     resize = cfg["resize"]
     data = DataSpec.from_config(cfg)
-    train_split, val_split, mix = data.training_data(resize)
+    train_split, _, mix = data.training_data(resize)
+    # Scored on label maps of the experiment's eval size (search.space.eval_size; a direct call: its own).
+    val_split = data.val_split(resize, mask_size=cfg.get("eval_size") or resize)
     num_classes = len(train_split.class_names)
     unknown = _unknown_label(cfg["unknown"], train_split.class_names, data)
     open_set = cfg["unknown"] == "open_set"

@@ -21,7 +21,7 @@ from driver_log import active_console
 from errors import UserError
 
 from .progress import ProgressTable
-from .space import SearchSpec, SpaceSampler
+from .space import SearchSpec, SpaceSampler, eval_size
 from .trainable import DEADLINE_ENV, DEADLINE_MARGIN, search_deadline, train_segmentation
 
 DASHBOARD_HOST, DASHBOARD_PORT = "127.0.0.1", 8265
@@ -109,11 +109,12 @@ def trial_dirname(trial) -> str:
 
 def trial_constants(spec: SearchSpec, data_root: Path, skip=()) -> dict:
     """Settings every trial needs that are not searched: its data (where it lives now, the images left
-    out), how long to train."""
+    out), how long to train, how it is scored."""
     data = replace(spec.data, root=str(data_root), skip=tuple(sorted(skip))).constants()
     e = spec.experiment
     return {**data, "max_epochs": e.max_epochs, "seed": e.seed, "metric": e.metric, "mode": e.mode,
-            "checkpoint": e.checkpoint, "checkpoint_interval_s": e.checkpoint_interval_s, "rungs": list(e.rungs)}
+            "checkpoint": e.checkpoint, "checkpoint_interval_s": e.checkpoint_interval_s, "rungs": list(e.rungs),
+            "eval_size": eval_size(spec)}
 
 
 def concurrency(e, cpus: float, gpus: float) -> int:

@@ -4,7 +4,8 @@ import optuna
 import pytest
 
 from errors import UserError
-from search.space import SpaceSampler, load_space
+from search.space import SpaceSampler, eval_size, load_space
+from search.tune_runner import trial_constants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,6 +215,19 @@ def test_each_trial_trains_from_its_own_seed_unless_the_space_shares_one(tmp_pat
 def test_an_unknown_trial_seeds_mode_names_the_key(tmp_path):
     with pytest.raises(UserError, match=r"experiment.trial_seeds must be one of per_trial, shared, got 'each'"):
         load_space(_write(tmp_path, "experiment:\n  trial_seeds: each\nspace:\n  lr: 0.001\n"))
+
+
+@pytest.mark.parametrize("experiment, size", [("", 256), ("  eval_size: 224\n", 224)])
+def test_trials_of_every_input_size_are_scored_on_one_val_size(tmp_path, experiment, size):
+    spec = load_space(_write(tmp_path, f"experiment:\n  seed: 0\n{experiment}"
+                                       "space:\n  resize: {choice: [96, 256, 160]}\n"))
+    assert eval_size(spec) == size  # by default the largest input size the space proposes
+    assert trial_constants(spec, tmp_path)["eval_size"] == size
+
+
+def test_a_negative_eval_size_names_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"experiment.eval_size must be a size in pixels, or 0 .* got -1"):
+        load_space(_write(tmp_path, "experiment:\n  eval_size: -1\nspace:\n  lr: 0.001\n"))
 
 
 def test_first_trials_are_what_optuna_evaluates_before_it_proposes(tmp_path):

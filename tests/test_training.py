@@ -3,6 +3,7 @@ epochs without Tune (SWA, checkpoints, restores), on a cached split of the sampl
 import itertools
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from data_pipeline.trial_data import DataSpec
 from models.checkpoint import load_checkpoint
 from models.factory import build_model
 from models.weights import DEFAULT_NORMALIZATION
-from models.inference import normalize
+from models.inference import normalize, predict_batch
 from models.losses import build_loss
 from models.optim import schedule_steps
 from models.training import evaluate, place_model, train_epoch
@@ -220,6 +221,25 @@ def test_a_trial_ranked_by_val_loss_checkpoints_when_the_loss_falls(sample_root)
     assert [m["best_val_loss"] for m, _ in reports] == best
     assert [saved for _, saved in reports] == [True] + [losses[i] < best[i - 1] for i in range(1, len(losses))]
     assert all(m["best_val_miou"] == max(r["val_miou"] for r, _ in reports[:i + 1]) for i, (m, _) in enumerate(reports))
+
+
+def test_a_trial_is_scored_on_val_label_maps_of_the_eval_size_not_of_its_input_size(sample_root):
+    config = {"data_root": str(sample_root), "train_ann": "val.json", "val_ann": "val.json", "resize": 32,
+              "batch_size": 4, "max_epochs": 1, "augmentation": "none", "lr": 3e-3, "eval_size": 64}
+    trial = build_trial(config)
+    images, masks = next(iter(trial.val_loader))
+    assert tuple(images.shape[1:3]) == (32, 32) and tuple(masks.shape[1:]) == (64, 64)
+    reports = []
+    run_epochs(trial, lambda metrics, directory: reports.append(metrics))
+    # The same model's probabilities at 64 px against the 64 px truth, counted here with numpy.
+    inputs = load_split(sample_root, "val.json", 32).images
+    truth = load_split(sample_root, "val.json", 64).masks.astype(np.int64)
+    probs = predict_batch(trial.model, torch.from_numpy(np.array(inputs)), (64, 64),
+                          normalization=trial.normalization, amp=trial.amp)
+    n = trial.num_classes
+    conf = np.bincount(truth.ravel() * n + probs.argmax(1).numpy().ravel(), minlength=n * n).reshape(n, n)
+    union = conf.sum(0) + conf.sum(1) - np.diag(conf)
+    assert reports[0]["val_miou"] == pytest.approx(np.mean(np.diag(conf)[union > 0] / union[union > 0]))
 
 
 def test_a_trial_that_keeps_its_last_checkpoint_saves_every_epoch_and_restores_its_best(sample_root, tmp_path):
