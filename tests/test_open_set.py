@@ -177,11 +177,12 @@ def _clothing_is_unknown(sample_root, **params) -> dict:
             "max_epochs": 2, "lr": 3e-3, "augmentation": "none", **params}
 
 
-@pytest.mark.parametrize("margin", [None, 2.0])
-def test_an_open_set_trial_rejects_at_its_best_val_threshold(sample_root, tmp_path, margin):
+@pytest.mark.parametrize("margin, eval_size", [(None, None), (2.0, None), (2.0, 96)])
+def test_an_open_set_trial_rejects_at_its_best_val_threshold(sample_root, tmp_path, margin, eval_size):
     from search.trainable import build_trial, run_epochs
 
-    trial = build_trial(_clothing_is_unknown(sample_root, unknown="open_set", objectosphere_margin=margin))
+    trial = build_trial(_clothing_is_unknown(sample_root, unknown="open_set", objectosphere_margin=margin,
+                                             eval_size=eval_size))
     assert trial.unknown == UnknownScoring(10, True, "softmax" if margin is None else "magnitude", 10)
     reports = []
 
@@ -209,8 +210,10 @@ def test_an_open_set_trial_rejects_at_its_best_val_threshold(sample_root, tmp_pa
         from models.inference import predict_batch
         from models.weights import DEFAULT_NORMALIZATION
 
-        probs = predict_batch(model, images, normalization=DEFAULT_NORMALIZATION, amp=trial.amp)
-        scores = probs.max(1).values if margin is None else head.magnitude
+        size = tuple(masks.shape[-2:])  # eval_size: the truth is larger than the model's input
+        probs = predict_batch(model, images, size, normalization=DEFAULT_NORMALIZATION, amp=trial.amp)
+        scores = probs.max(1).values if margin is None else torch.nn.functional.interpolate(
+            head.magnitude[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         labels = torch.where(scores < rule["threshold"], 10, probs.argmax(1))
         conf += confusion_matrix(masks.long(), labels, 11)
     assert mean_iou(conf) == pytest.approx(best["val_miou"], abs=1e-6)
