@@ -145,10 +145,7 @@ class DataSpec:
                  for ann in self.pseudo_labels]
         return train.concat(*extra)
 
-    def val_split(self, resize: int, with_masks: bool = True, mask_size: int | None = None) -> Split:
-        """The val images at resize x resize, their label maps at mask_size (default: resize)."""
-        if mask_size not in (None, resize) and with_masks:
-            return replace(self.val_split(resize, with_masks=False), masks=self.val_split(mask_size).masks)
+    def val_split(self, resize: int, with_masks: bool = True) -> Split:
         if self.split == "given":
             return self.load(self.val, resize, with_masks)
         return self.load(self.train_all, resize, with_masks).take(self.fold_indices()[1])

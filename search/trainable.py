@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -162,9 +162,10 @@ def build_trial(config: dict, device: torch.device | None = None) -> Trial:
 
     resize = cfg["resize"]
     data = DataSpec.from_config(cfg)
-    train_split, _, mix = data.training_data(resize)
-    # Scored on label maps of the experiment's eval size (search.space.eval_size; a direct call: its own).
-    val_split = data.val_split(resize, mask_size=cfg.get("eval_size") or resize)
+    train_split, val_split, mix = data.training_data(resize)
+    eval_size = cfg.get("eval_size") or resize  # search.space.eval_size; a direct call: the trial's own size
+    if eval_size != resize:  # scored on the experiment's val truth; evaluation resizes the probabilities to it
+        val_split = replace(val_split, masks=data.val_split(eval_size).masks)
     num_classes = len(train_split.class_names)
     unknown = _unknown_label(cfg["unknown"], train_split.class_names, data)
     open_set = cfg["unknown"] == "open_set"
