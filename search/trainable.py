@@ -258,20 +258,19 @@ def run_epochs(trial: Trial, report: Report) -> None:
         scored = _average_weights(trial) if trial.swa_active(epoch) else trial.model
         val, curve = _evaluate(trial, scored)
         trial.epoch = epoch
-        now = time.perf_counter()
-        metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": now - started,
-                   "train_time_s": trained - started, "eval_time_s": now - trained,
-                   "setup_time_s": trial.setup_time_s, "planned_epochs": trial.last_epoch}
-        metrics.update(_placement())
+        evaluated = time.perf_counter()
         trial.best_val_miou = max(trial.best_val_miou, val["val_miou"])
         improved = trial.improves(val)
         if improved:
             trial.best = val[trial.metric]
-        metrics.update({f"best_{trial.metric}": trial.best, "best_val_miou": trial.best_val_miou})
         if improved or trial.cfg.get("checkpoint") == "last":
             trial.held = hold_checkpoint(trial, scored, val, curve)
         trial.epoch_times.append(time.perf_counter() - started)
-        plan_to_deadline(trial)
+        plan_to_deadline(trial)  # before the report, so that it states the plan this epoch ends with
+        metrics = {**val, "train_loss": train_loss, "epoch": epoch, "epoch_time_s": evaluated - started,
+                   "train_time_s": trained - started, "eval_time_s": evaluated - trained,
+                   "setup_time_s": trial.setup_time_s, "planned_epochs": trial.last_epoch,
+                   f"best_{trial.metric}": trial.best, "best_val_miou": trial.best_val_miou, **_placement()}
         if trial.held is not None and not trial.held.written and _write_now(trial):
             with tempfile.TemporaryDirectory() as directory:
                 write_held_checkpoint(trial.held, directory)

@@ -2,6 +2,7 @@
 epochs without Tune (SWA, checkpoints, restores), on a cached split of the sample data."""
 import itertools
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -317,6 +318,19 @@ def test_a_trial_whose_epochs_do_not_fit_before_its_deadline_ends_early_with_its
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     plan_to_deadline(trial)  # no deadline: nothing planned
     assert trial.last_epoch == 5
+
+
+def test_the_report_of_an_epoch_that_ends_the_plan_says_so(sample_root):
+    # The deadline passes during the first epoch: the trial ends with it, and its one report must say
+    # that it planned to (not the 20 epochs planned before), or its end reads as a cut by Tune.
+    config = {**DataSpec(root=str(sample_root)).to_config(), **SWA_CONFIG, "max_epochs": 20, "swa_epochs": 0,
+              "schedule": "cosine", "warmup_epochs": 0, "lr": 1e-3}
+    trial = build_trial(config)
+    trial.deadline = time.time()
+    seen = []
+    run_epochs(trial, lambda metrics, directory: seen.append((metrics["epoch"], metrics["planned_epochs"],
+                                                             directory is not None)))
+    assert seen == [(1, 1, True)]  # and its checkpoint is written with the last planned epoch
 
 
 def test_a_plan_made_on_slow_epochs_is_extended_when_they_get_faster_without_an_lr_jump(sample_root):
