@@ -4,6 +4,7 @@ labelled IGNORE (255).
 Names (all multiclass, from logits [B, C, H, W] and long targets [B, H, W]):
   ce       cross-entropy (torch), optional `label_smoothing`
   focal    smp's focal loss: one-vs-rest sigmoid focal per class, `focal_gamma`, `focal_alpha`
+           (its gradient kept finite for gamma < 1)
   dice     smp's soft dice, 1 - 2TP / (2TP + FP + FN) per class
   jaccard  smp's soft IoU, 1 - TP / (TP + FP + FN) per class
   lovasz   smp's Lovasz-softmax (convex surrogate of the IoU loss), over the classes present
@@ -26,6 +27,7 @@ ce when every labelled pixel's class weight is 0.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Optional
 
 import segmentation_models_pytorch as smp
@@ -109,11 +111,33 @@ def _cross_entropy(config: dict, class_weights: Weights) -> nn.Module:
     return CrossEntropy(class_weights, float(_param(config, "label_smoothing")))
 
 
+FOCAL_FLOOR = 1e-6  # the least (1 - pt) the focal term is raised to gamma from
+
+
 def _focal(config: dict, class_weights: Weights) -> nn.Module:
     alpha = _param(config, "focal_alpha")
-    return _weights_as_buffer(smp.losses.FocalLoss(
-        mode="multiclass", gamma=float(_param(config, "focal_gamma")), alpha=None if alpha is None else float(alpha),
-        ignore_index=IGNORE, class_weights=class_weights))
+    alpha = None if alpha is None else float(alpha)
+    gamma = float(_param(config, "focal_gamma"))
+    loss = smp.losses.FocalLoss(mode="multiclass", gamma=gamma, alpha=alpha, ignore_index=IGNORE,
+                                class_weights=class_weights)
+    loss.focal_loss_fn = partial(_finite_focal_loss_with_logits, gamma=gamma, alpha=alpha)
+    return _weights_as_buffer(loss)
+
+
+def _finite_focal_loss_with_logits(logits: torch.Tensor, target: torch.Tensor, gamma: float,
+                                   alpha: float | None) -> torch.Tensor:
+    """smp's binary focal loss (reduction mean), with the modulating factor's base (1 - pt) kept at or
+    above FOCAL_FLOOR. At a pixel the model is sure of, pt rounds to 1, and for gamma < 1 the gradient
+    of (1 - pt) ** gamma there is infinite: smp's version turns it into nan and the weights with it
+    (the low gammas that often win are the ones that break). The floor changes the loss by at most
+    FOCAL_FLOOR ** gamma times a loss that is already ~0 there."""
+    target = target.to(logits.dtype)
+    log_pt = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    loss = (1.0 - torch.exp(-log_pt)).clamp_min(FOCAL_FLOOR).pow(gamma) * log_pt
+    if alpha is not None:
+        loss = loss * (alpha * target + (1 - alpha) * (1 - target))
+    return loss.mean()
+
 
 
 def _dice(config: dict, class_weights: Weights) -> nn.Module:

@@ -64,7 +64,21 @@ def train_epoch(model, loader, loss_fn, optimizer, device, normalization: dict, 
             scheduler.step()
         total += loss.detach() * len(images)  # summed on the device: no GPU sync per step
         count += len(images)
-    return total.item() / max(count, 1)
+    mean_loss = total.item() / max(count, 1)
+    if not _all_finite(model.parameters()):
+        raise TrainingDiverged(f"training diverged: the model's weights are no longer finite (mean loss of the "
+                               f"epoch {mean_loss:g}); a lower lr, grad_clip or another loss may train")
+    return mean_loss
+
+
+class TrainingDiverged(RuntimeError):
+    """The weights became nan or inf: every later epoch would train and score a broken model."""
+
+
+def _all_finite(tensors) -> bool:
+    # One host sync for all of them. A non-finite loss alone is not divergence: with fp16, GradScaler
+    # skips the steps whose gradients overflowed and the weights stay as they were.
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def freeze_norm_statistics(module: nn.Module) -> None:

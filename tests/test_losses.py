@@ -2,6 +2,7 @@ import math
 import re
 
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
@@ -483,3 +484,24 @@ def test_every_loss_parameter_belongs_to_a_loss():
     owned = [p for params in LOSS_TERM_PARAMS.values() for p in params]
     assert sorted(owned) == sorted(set(LOSS_PARAMS) - {"loss"})
     assert set(LOSS_TERM_PARAMS) <= set(LOSSES)
+
+
+def test_a_low_gamma_focal_loss_keeps_training_on_pixels_the_model_is_sure_of():
+    # One pixel, three classes: the true class at logit 40 (pt rounds to 1), another at -40.
+    logits = torch.tensor([40.0, -40.0, 0.5]).reshape(1, 3, 1, 1).requires_grad_()
+    for gamma in (0.5, 1.0, 2.0):
+        logits.grad = None
+        loss = build_loss({"loss": "focal", "focal_gamma": gamma})(logits, torch.zeros(1, 1, 1, dtype=torch.long))
+        loss.backward()
+        assert torch.isfinite(logits.grad).all(), (gamma, logits.grad)
+        assert logits.grad.flatten()[2] > 0.1  # the unsure class still learns
+
+
+def test_the_focal_loss_is_smps_where_its_gradient_is_finite():
+    torch.manual_seed(0)
+    logits, masks = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    masks[0, 0, :3] = 255  # ignored pixels
+    for gamma, alpha in ((2.0, None), (0.5, 0.25)):
+        ours = build_loss({"loss": "focal", "focal_gamma": gamma, "focal_alpha": alpha})(logits, masks)
+        theirs = smp.losses.FocalLoss("multiclass", gamma=gamma, alpha=alpha, ignore_index=255)(logits, masks)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)

@@ -18,7 +18,7 @@ from models.weights import DEFAULT_NORMALIZATION
 from models.inference import normalize, predict_batch
 from models.losses import build_loss
 from models.optim import schedule_steps
-from models.training import evaluate, place_model, train_epoch
+from models.training import TrainingDiverged, evaluate, place_model, train_epoch
 from search.trainable import build_trial, plan_to_deadline, restore, run_epochs, save_trial_checkpoint
 
 
@@ -353,3 +353,14 @@ def test_a_plan_made_on_slow_epochs_is_extended_when_they_get_faster_without_an_
     trial.epoch_times += [1.0, 1.0, 1.0]
     plan_to_deadline(trial, now=1000.0 - 100.0)
     assert trial.last_epoch == 20  # never past max_epochs
+
+
+def test_an_epoch_whose_weights_become_nan_fails_the_trial_with_what_to_change(sample_root):
+    loader, num_classes = _val_loader(sample_root)
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18", num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=float("inf"))
+    with pytest.raises(TrainingDiverged, match="weights are no longer finite.*lower lr"):
+        train_epoch(model, itertools.islice(loader, 1), build_loss({"loss": "ce"}), optimizer, "cpu",
+                    DEFAULT_NORMALIZATION)
+
