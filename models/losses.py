@@ -139,7 +139,6 @@ def _finite_focal_loss_with_logits(logits: torch.Tensor, target: torch.Tensor, g
     return loss.mean()
 
 
-
 def _dice(config: dict, class_weights: Weights) -> nn.Module:
     return _weights_as_buffer(smp.losses.DiceLoss(mode="multiclass", ignore_index=IGNORE,
                                                   class_weights=class_weights))
