@@ -363,4 +363,3 @@ def test_an_epoch_whose_weights_become_nan_fails_the_trial_with_what_to_change(s
     with pytest.raises(TrainingDiverged, match="weights are no longer finite.*lower lr"):
         train_epoch(model, itertools.islice(loader, 1), build_loss({"loss": "ce"}), optimizer, "cpu",
                     DEFAULT_NORMALIZATION)
-
